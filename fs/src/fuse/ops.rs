@@ -1,0 +1,651 @@
+//! Namespace and file operations as async helpers returning `Result`.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{FileHandle, Request};
+use migfs_proto::meta::{
+    Attr, Empty, FallocateRequest, InoRequest, LinkRequest, LockReply, LockRequest, LookupRequest,
+    MknodRequest, NameRequest, OpenRequest, ReadDirRequest, ReleaseRequest, RenameRequest,
+    SetAttrRequest, SetXattrRequest, StatFsReply, SymlinkRequest, XattrRequest,
+};
+
+use super::Shared;
+use super::control;
+use super::data::FileData;
+use crate::error::{FsError, Result};
+
+/// Directory entries asked for per `ReadDir` call.
+const READDIR_BATCH: u32 = 512;
+
+/// What a create-like request carries.
+#[derive(Debug, Clone)]
+pub struct Make {
+    parent: u64,
+    name: Vec<u8>,
+    mode: u32,
+    rdev: u32,
+    uid: u32,
+    gid: u32,
+}
+
+impl Make {
+    /// From a kernel request (the mode already has the umask applied).
+    pub fn new(req: &Request, parent: u64, name: &OsStr, mode: u32, rdev: u32) -> Make {
+        Make {
+            parent,
+            name: name.as_bytes().to_vec(),
+            mode,
+            rdev,
+            uid: req.uid(),
+            gid: req.gid(),
+        }
+    }
+}
+
+/// A lock request from the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Lock {
+    /// Inode.
+    pub ino: u64,
+    /// Kernel lock owner.
+    pub owner: u64,
+    /// First byte.
+    pub start: u64,
+    /// Last byte (inclusive).
+    pub end: u64,
+    /// F_RDLCK, F_WRLCK or F_UNLCK.
+    pub typ: i32,
+    /// Requesting pid.
+    pub pid: u32,
+}
+
+fn name_bytes(name: &OsStr) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+/// Looks `name` up in `parent`.
+pub async fn lookup(sh: &Shared, parent: u64, name: &OsStr) -> Result<Attr> {
+    if let Some(a) = control::lookup(sh, parent, name).await? {
+        return Ok(a);
+    }
+    if let Some(a) = sh.cache.lookup(parent, name) {
+        return Ok(sh.patch_local(a));
+    }
+    let req = LookupRequest {
+        parent,
+        name: name_bytes(name),
+    };
+    let a = sh
+        .data
+        .meta
+        .call("lookup", |mut c| {
+            let req = req.clone();
+            async move { c.lookup(req).await }
+        })
+        .await?;
+    sh.cache.put_entry(parent, name, &a);
+    Ok(sh.patch_local(a))
+}
+
+/// The attributes of `ino`.
+pub async fn getattr(sh: &Shared, ino: u64) -> Result<Attr> {
+    if let Some(a) = control::attr(ino) {
+        return Ok(a);
+    }
+    if let Some(a) = sh.cache.attr(ino) {
+        return Ok(sh.patch_local(a));
+    }
+    let a = fetch_attr(sh, ino).await?;
+    sh.cache.put_attr(&a);
+    Ok(sh.patch_local(a))
+}
+
+/// The attributes of `ino` from the metadata server, bypassing the cache.
+pub async fn fetch_attr(sh: &Shared, ino: u64) -> Result<Attr> {
+    sh.data
+        .meta
+        .call("getattr", |mut c| async move {
+            c.get_attr(InoRequest { ino }).await
+        })
+        .await
+}
+
+/// Changes attributes; a size change first publishes this node's writes.
+pub async fn setattr(sh: &Shared, mut req: SetAttrRequest) -> Result<Attr> {
+    if control::is_control(req.ino) {
+        return Err(FsError::Local {
+            op: "setattr",
+            errno: libc::EPERM,
+        });
+    }
+    if req.size.is_some_and(|s| s > sh.data.max_file_size()) {
+        return Err(FsError::Local {
+            op: "truncate",
+            errno: libc::EFBIG,
+        });
+    }
+    let fd = sh.files.lock().get(&req.ino).cloned();
+    if let (Some(fd), Some(_)) = (&fd, req.size) {
+        sh.data.flush(fd).await?;
+    }
+    req.session_id = sh.data.meta.session();
+    let a = sh
+        .data
+        .meta
+        .call("setattr", |mut c| async move { c.set_attr(req).await })
+        .await?;
+    if let (Some(fd), Some(_)) = (&fd, req.size) {
+        fd.truncated(&a);
+    }
+    sh.cache.put_attr(&a);
+    Ok(a)
+}
+
+/// The target of a symlink.
+pub async fn readlink(sh: &Shared, ino: u64) -> Result<Vec<u8>> {
+    let r = sh
+        .data
+        .meta
+        .call("readlink", |mut c| async move {
+            c.readlink(InoRequest { ino }).await
+        })
+        .await?;
+    Ok(r.target)
+}
+
+fn mknod_req(sh: &Shared, mk: &Make, open: bool) -> MknodRequest {
+    MknodRequest {
+        session_id: sh.data.meta.session(),
+        parent: mk.parent,
+        name: mk.name.clone(),
+        mode: mk.mode,
+        rdev: mk.rdev,
+        uid: mk.uid,
+        gid: mk.gid,
+        open,
+    }
+}
+
+fn created(sh: &Shared, parent: u64, name: &[u8], a: &Attr) {
+    sh.cache.drop_attr(parent);
+    sh.cache.put_entry(parent, OsStr::from_bytes(name), a);
+}
+
+/// Creates a node (regular file, fifo, device...); `open` also opens it.
+pub async fn mknod(sh: &Shared, mk: Make, open: bool) -> Result<Attr> {
+    control::refuse_in_control(mk.parent)?;
+    let req = mknod_req(sh, &mk, open);
+    let a = sh
+        .data
+        .meta
+        .call("mknod", |mut c| {
+            let req = req.clone();
+            async move { c.mknod(req).await }
+        })
+        .await?;
+    created(sh, mk.parent, &mk.name, &a);
+    Ok(a)
+}
+
+/// Creates a directory.
+pub async fn mkdir(sh: &Shared, mk: Make) -> Result<Attr> {
+    control::refuse_in_control(mk.parent)?;
+    let req = mknod_req(sh, &mk, false);
+    let a = sh
+        .data
+        .meta
+        .call("mkdir", |mut c| {
+            let req = req.clone();
+            async move { c.mkdir(req).await }
+        })
+        .await?;
+    created(sh, mk.parent, &mk.name, &a);
+    Ok(a)
+}
+
+/// Creates a symlink to `target`.
+pub async fn symlink(sh: &Shared, mk: Make, target: &OsStr) -> Result<Attr> {
+    control::refuse_in_control(mk.parent)?;
+    let req = SymlinkRequest {
+        session_id: sh.data.meta.session(),
+        parent: mk.parent,
+        name: mk.name.clone(),
+        target: name_bytes(target),
+        uid: mk.uid,
+        gid: mk.gid,
+    };
+    let a = sh
+        .data
+        .meta
+        .call("symlink", |mut c| {
+            let req = req.clone();
+            async move { c.symlink(req).await }
+        })
+        .await?;
+    created(sh, mk.parent, &mk.name, &a);
+    Ok(a)
+}
+
+/// Adds a hard link.
+pub async fn link(sh: &Shared, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Attr> {
+    control::refuse_in_control(new_parent)?;
+    let req = LinkRequest {
+        session_id: sh.data.meta.session(),
+        ino,
+        new_parent,
+        new_name: name_bytes(new_name),
+    };
+    let a = sh
+        .data
+        .meta
+        .call("link", |mut c| {
+            let req = req.clone();
+            async move { c.link(req).await }
+        })
+        .await?;
+    created(sh, new_parent, new_name.as_bytes(), &a);
+    Ok(a)
+}
+
+fn forget_name(sh: &Shared, parent: u64, name: &OsStr) {
+    if let Some(a) = sh.cache.lookup(parent, name) {
+        sh.cache.drop_attr(a.ino);
+    }
+    sh.cache.drop_entry(parent, name);
+    sh.cache.drop_attr(parent);
+}
+
+/// Unlinks a file (`dir` false) or removes an empty directory.
+pub async fn remove(sh: &Shared, parent: u64, name: &OsStr, dir: bool) -> Result<()> {
+    control::refuse_in_control(parent)?;
+    let req = NameRequest {
+        session_id: sh.data.meta.session(),
+        parent,
+        name: name_bytes(name),
+    };
+    let op = if dir { "rmdir" } else { "unlink" };
+    forget_name(sh, parent, name);
+    sh.data
+        .meta
+        .call(op, |mut c| {
+            let req = req.clone();
+            async move {
+                if dir {
+                    c.rmdir(req).await
+                } else {
+                    c.unlink(req).await
+                }
+            }
+        })
+        .await?;
+    forget_name(sh, parent, name);
+    Ok(())
+}
+
+/// Renames (flags: RENAME_NOREPLACE, RENAME_EXCHANGE).
+pub async fn rename(
+    sh: &Shared,
+    parent: u64,
+    name: &OsStr,
+    new_parent: u64,
+    new_name: &OsStr,
+    flags: u32,
+) -> Result<()> {
+    control::refuse_in_control(parent)?;
+    control::refuse_in_control(new_parent)?;
+    let req = RenameRequest {
+        session_id: sh.data.meta.session(),
+        parent,
+        name: name_bytes(name),
+        new_parent,
+        new_name: name_bytes(new_name),
+        flags,
+    };
+    forget_name(sh, parent, name);
+    forget_name(sh, new_parent, new_name);
+    sh.data
+        .meta
+        .call("rename", |mut c| {
+            let req = req.clone();
+            async move { c.rename(req).await }
+        })
+        .await?;
+    forget_name(sh, parent, name);
+    forget_name(sh, new_parent, new_name);
+    Ok(())
+}
+
+/// Opens a file: registers the open with the session and returns the
+/// handle and whether the kernel may keep its cached pages.
+pub async fn open(sh: &Shared, ino: u64) -> Result<(u64, bool)> {
+    let req = OpenRequest {
+        session_id: sh.data.meta.session(),
+        ino,
+    };
+    let a = sh
+        .data
+        .meta
+        .call("open", |mut c| async move { c.open(req).await })
+        .await?;
+    sh.cache.put_attr(&a);
+    Ok(sh.add_handle(&a))
+}
+
+/// close(2): publishes what this handle's inode has written and drops the
+/// closing process's fcntl locks on the inode (POSIX: any close does).
+pub async fn flush(sh: &Shared, ino: u64, fh: FileHandle, owner: u64) -> Result<()> {
+    let fd = sh.handle(fh)?;
+    let res = if fd.is_dirty() {
+        sh.data.flush(&fd).await
+    } else {
+        Ok(())
+    };
+    if sh.locked.lock().remove(&(ino, owner)) {
+        let l = Lock {
+            ino,
+            owner,
+            start: 0,
+            end: u64::MAX,
+            typ: libc::F_UNLCK,
+            pid: 0,
+        };
+        setlk_once(sh, l, false).await?;
+    }
+    res
+}
+
+/// The last close of a handle: publish, drop locks of its owner, end the open.
+pub async fn release(sh: &Shared, ino: u64, fh: FileHandle, owner: Option<u64>) -> Result<()> {
+    let fd = sh.handles.lock().remove(&fh.0);
+    let Some(fd) = fd else {
+        return Err(FsError::Local {
+            op: "release",
+            errno: libc::EBADF,
+        });
+    };
+    let res = if fd.is_dirty() {
+        sh.data.flush(&fd).await
+    } else {
+        Ok(())
+    };
+    if let Some(owner) = owner {
+        let l = Lock {
+            ino,
+            owner,
+            start: 0,
+            end: u64::MAX,
+            typ: libc::F_UNLCK,
+            pid: 0,
+        };
+        if let Err(e) = setlk_once(sh, l, false).await {
+            tracing::warn!(ino, error = %e, "dropping flock locks at release failed");
+        }
+    }
+    let last = {
+        let mut st = fd.st.lock();
+        st.opens = st.opens.saturating_sub(1);
+        st.opens == 0
+    };
+    if last && !fd.is_dirty() {
+        let mut files = sh.files.lock();
+        if files.get(&ino).is_some_and(|f| Arc::ptr_eq(f, &fd)) {
+            files.remove(&ino);
+        }
+    }
+    let req = ReleaseRequest {
+        session_id: sh.data.meta.session(),
+        ino,
+    };
+    let meta = Arc::clone(&sh.data.meta);
+    tokio::spawn(async move {
+        if let Err(e) = meta
+            .call("release", |mut c| async move { c.release(req).await })
+            .await
+        {
+            tracing::warn!(ino, error = %e, "release not recorded by the metadata server");
+        }
+    });
+    res
+}
+
+/// fsync: publish the handle's data (all open files for a directory
+/// fsync), make the block store and the metadata durable.
+pub async fn fsync(sh: &Shared, fh: Option<FileHandle>) -> Result<()> {
+    let fds: Vec<Arc<FileData>> = match fh {
+        Some(fh) => vec![sh.handle(fh)?],
+        None => Vec::new(),
+    };
+    for fd in &fds {
+        sh.data.flush(fd).await?;
+    }
+    let blocks = Arc::clone(&sh.data.blocks);
+    tokio::task::spawn_blocking(move || blocks.local.sync())
+        .await
+        .map_err(|e| FsError::Invalid(format!("sync task: {e}")))??;
+    sh.data
+        .meta
+        .call("sync", |mut c| async move { c.sync(Empty {}).await })
+        .await?;
+    Ok(())
+}
+
+/// Lists `ino` from `offset`; `add` returns true when the kernel buffer is full.
+pub async fn readdir(
+    sh: &Shared,
+    ino: u64,
+    offset: u64,
+    add: &mut dyn FnMut(&OsStr, u64, &Attr) -> bool,
+) -> Result<()> {
+    let me = getattr(sh, ino).await?;
+    if !super::attr::is_dir(&me) {
+        return Err(FsError::Local {
+            op: "readdir",
+            errno: libc::ENOTDIR,
+        });
+    }
+    if offset < 1 && add(OsStr::new("."), 1, &me) {
+        return Ok(());
+    }
+    if offset < 2 && add(OsStr::new(".."), 2, &me) {
+        return Ok(());
+    }
+    if control::is_control(ino) {
+        if ino == control::CTL_DIR {
+            control::readdir(offset, add);
+        }
+        return Ok(());
+    }
+    let mut after = if offset <= 2 { 0 } else { offset };
+    loop {
+        let req = ReadDirRequest {
+            ino,
+            after_cookie: after,
+            limit: READDIR_BATCH,
+        };
+        let r = sh
+            .data
+            .meta
+            .call("readdir", |mut c| async move { c.read_dir(req).await })
+            .await?;
+        for e in &r.entries {
+            let Some(a) = &e.attr else { continue };
+            let name = OsString::from_vec(e.name.clone());
+            if add(&name, e.cookie, a) {
+                return Ok(());
+            }
+            sh.cache.put_entry(ino, &name, a);
+            after = e.cookie;
+        }
+        if r.eof || r.entries.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Filesystem usage.
+pub async fn statfs(sh: &Shared) -> Result<StatFsReply> {
+    sh.data
+        .meta
+        .call("statfs", |mut c| async move { c.stat_fs(Empty {}).await })
+        .await
+}
+
+/// Sets an extended attribute.
+pub async fn setxattr(sh: &Shared, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    let req = SetXattrRequest {
+        session_id: sh.data.meta.session(),
+        ino,
+        name: name_bytes(name),
+        value: value.to_vec(),
+        flags,
+    };
+    sh.data
+        .meta
+        .call("setxattr", |mut c| {
+            let req = req.clone();
+            async move { c.set_xattr(req).await }
+        })
+        .await?;
+    sh.cache.drop_attr(ino);
+    Ok(())
+}
+
+fn xattr_req(sh: &Shared, ino: u64, name: &OsStr) -> XattrRequest {
+    XattrRequest {
+        session_id: sh.data.meta.session(),
+        ino,
+        name: name_bytes(name),
+    }
+}
+
+/// Reads an extended attribute.
+pub async fn getxattr(sh: &Shared, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+    let req = xattr_req(sh, ino, name);
+    let r = sh
+        .data
+        .meta
+        .call("getxattr", |mut c| {
+            let req = req.clone();
+            async move { c.get_xattr(req).await }
+        })
+        .await?;
+    Ok(r.value)
+}
+
+/// The names of the extended attributes, NUL-separated.
+pub async fn listxattr(sh: &Shared, ino: u64) -> Result<Vec<u8>> {
+    let r = sh
+        .data
+        .meta
+        .call("listxattr", |mut c| async move {
+            c.list_xattr(InoRequest { ino }).await
+        })
+        .await?;
+    let mut out = Vec::new();
+    for n in r.names {
+        out.extend_from_slice(&n);
+        out.push(0);
+    }
+    Ok(out)
+}
+
+/// Removes an extended attribute.
+pub async fn removexattr(sh: &Shared, ino: u64, name: &OsStr) -> Result<()> {
+    let req = xattr_req(sh, ino, name);
+    sh.data
+        .meta
+        .call("removexattr", |mut c| {
+            let req = req.clone();
+            async move { c.remove_xattr(req).await }
+        })
+        .await?;
+    sh.cache.drop_attr(ino);
+    Ok(())
+}
+
+fn lock_req(sh: &Shared, l: Lock, flock: bool) -> LockRequest {
+    LockRequest {
+        session_id: sh.data.meta.session(),
+        ino: l.ino,
+        owner: l.owner,
+        start: l.start,
+        end: l.end,
+        typ: l.typ,
+        pid: l.pid,
+        flock,
+    }
+}
+
+/// The first lock that would conflict with `l`.
+pub async fn getlk(sh: &Shared, l: Lock) -> Result<LockReply> {
+    let req = lock_req(sh, l, false);
+    sh.data
+        .meta
+        .call("getlk", |mut c| async move { c.get_lock(req).await })
+        .await
+}
+
+async fn setlk_once(sh: &Shared, l: Lock, flock: bool) -> Result<bool> {
+    let req = lock_req(sh, l, flock);
+    let r = sh
+        .data
+        .meta
+        .call("setlk", |mut c| async move { c.set_lock(req).await })
+        .await?;
+    Ok(r.granted)
+}
+
+/// Takes or drops a lock; with `sleep`, waits until it can be taken.
+pub async fn setlk(sh: &Shared, l: Lock, sleep: bool) -> Result<()> {
+    let mut wait = Duration::from_millis(1);
+    loop {
+        if setlk_once(sh, l, false).await? {
+            if l.typ != libc::F_UNLCK {
+                sh.locked.lock().insert((l.ino, l.owner));
+            }
+            return Ok(());
+        }
+        if !sleep {
+            return Err(FsError::Local {
+                op: "setlk",
+                errno: libc::EAGAIN,
+            });
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Preallocates (mode 0 extends the size; KEEP_SIZE is accepted).
+pub async fn fallocate(sh: &Shared, ino: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+    if offset
+        .checked_add(length)
+        .is_none_or(|e| e > sh.data.max_file_size())
+    {
+        return Err(FsError::Local {
+            op: "fallocate",
+            errno: libc::EFBIG,
+        });
+    }
+    let req = FallocateRequest {
+        session_id: sh.data.meta.session(),
+        ino,
+        offset,
+        length,
+        mode,
+    };
+    let a = sh
+        .data
+        .meta
+        .call("fallocate", |mut c| async move { c.fallocate(req).await })
+        .await?;
+    if let Some(fd) = sh.files.lock().get(&ino) {
+        let mut st = fd.st.lock();
+        st.size = st.size.max(a.size);
+    }
+    sh.cache.put_attr(&a);
+    Ok(())
+}

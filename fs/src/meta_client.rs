@@ -1,0 +1,110 @@
+//! The node's connection to the metadata server.
+//!
+//! Every call is retried while the server is unreachable, for at most the
+//! configured time, and then fails with EIO: the mount never hangs forever,
+//! and it recovers by itself when the server returns. A POSIX error the
+//! server answers is returned at once, never retried.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use migfs_proto::auth::{Present, Secret};
+use migfs_proto::meta::meta_client::MetaClient;
+use migfs_proto::{MAX_MESSAGE_BYTES, errno};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::{FsError, Result};
+
+/// The generated client with the cluster secret on every call.
+pub type RawMeta = MetaClient<InterceptedService<Channel, Present>>;
+
+/// How long one call may take before it is abandoned and retried.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A retrying metadata client, shared by every FUSE thread.
+#[derive(Debug)]
+pub struct Meta {
+    raw: RawMeta,
+    retry_for: Duration,
+    session: AtomicU64,
+}
+
+impl Meta {
+    /// Connects lazily to `url` (e.g. `http://127.0.0.10:7700`).
+    pub fn new(url: &str, secret: Secret, retry_for: Duration) -> Result<Meta> {
+        let ep = Endpoint::from_shared(url.to_string())
+            .map_err(|e| FsError::Invalid(format!("metadata server URL {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(CALL_TIMEOUT)
+            .tcp_nodelay(true);
+        let raw = MetaClient::with_interceptor(ep.connect_lazy(), Present(secret))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Meta {
+            raw,
+            retry_for,
+            session: AtomicU64::new(0),
+        })
+    }
+
+    /// The current session id (0 before registration).
+    pub fn session(&self) -> u64 {
+        self.session.load(Ordering::Relaxed)
+    }
+
+    /// Records the session id the server gave at registration.
+    pub fn set_session(&self, id: u64) {
+        self.session.store(id, Ordering::Relaxed);
+    }
+
+    /// A clone of the raw client, for streams (watch) that manage their own retries.
+    pub fn raw(&self) -> RawMeta {
+        self.raw.clone()
+    }
+
+    /// Runs `f` against the server, retrying transport failures until the
+    /// retry budget is spent.
+    pub async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        F: Fn(RawMeta) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        let deadline = Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let status = match f(self.raw.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(st) => st,
+            };
+            if let Some(e) = errno::of(&status) {
+                return Err(FsError::Errno {
+                    op,
+                    errno: e,
+                    message: status.message().to_string(),
+                });
+            }
+            if !retryable(&status) || Instant::now() + backoff > deadline {
+                tracing::warn!(op, code = ?status.code(), message = status.message(), "metadata call failed");
+                return Err(FsError::Meta { op, status });
+            }
+            tracing::debug!(op, code = ?status.code(), "metadata server unreachable, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Transport-level failures are worth retrying; answers from the server are not.
+fn retryable(st: &Status) -> bool {
+    matches!(
+        st.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+    )
+}

@@ -1,0 +1,247 @@
+//! fcntl byte-range locks and flock(2) locks, Linux semantics.
+//!
+//! A lock is held by (session, owner). All locks of one inode are one
+//! record in `locks`; `sesslocks` indexes them by session so a session's
+//! locks go when it ends. fcntl and flock locks never conflict with each
+//! other. SetLock never waits: a blocking request is the client retrying.
+
+use super::{Read, Txn, inode, sessions};
+use crate::error::{Result, e};
+use crate::schema::{self, LockRec, Tree, decode_locks, encode_locks, k1, k2};
+
+/// Shared lock.
+pub const F_RDLCK: i32 = 0;
+/// Exclusive lock.
+pub const F_WRLCK: i32 = 1;
+/// Unlock.
+pub const F_UNLCK: i32 = 2;
+
+/// A lock request (GetLock or SetLock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockReq {
+    /// The file.
+    pub ino: u64,
+    /// Holder session.
+    pub session: u64,
+    /// Holder owner within the session.
+    pub owner: u64,
+    /// First byte.
+    pub start: u64,
+    /// Last byte (inclusive).
+    pub end: u64,
+    /// F_RDLCK, F_WRLCK or F_UNLCK.
+    pub typ: i32,
+    /// Process id reported to F_GETLK callers.
+    pub pid: u32,
+    /// flock(2) instead of fcntl.
+    pub flock: bool,
+}
+
+impl LockReq {
+    fn holder_of(&self, l: &LockRec) -> bool {
+        l.session == self.session && l.owner == self.owner && l.flock == self.flock
+    }
+
+    /// Whether the granted lock `l` of another holder conflicts with this
+    /// request.
+    fn conflicts_with(&self, l: &LockRec) -> bool {
+        let (start, end) = if self.flock {
+            (0, u64::MAX)
+        } else {
+            (self.start, self.end)
+        };
+        l.flock == self.flock
+            && !(l.session == self.session && l.owner == self.owner)
+            && l.start <= end
+            && start <= l.end
+            && (i32::from(l.typ) == F_WRLCK || self.typ == F_WRLCK)
+    }
+
+    fn check(&self, allow_unlock: bool) -> Result<()> {
+        let ok =
+            self.typ == F_RDLCK || self.typ == F_WRLCK || (allow_unlock && self.typ == F_UNLCK);
+        if !ok {
+            return Err(e::einval(format!("invalid lock type {}", self.typ)));
+        }
+        if self.start > self.end {
+            return Err(e::einval(format!(
+                "lock range {}..={} is empty",
+                self.start, self.end
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn load<R: Read + ?Sized>(r: &R, ino: u64) -> Result<Vec<LockRec>> {
+    r.get(Tree::Locks, &k1(ino))?
+        .map(|v| decode_locks(&v))
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
+fn store(t: &mut Txn<'_>, ino: u64, session: u64, mut locks: Vec<LockRec>) {
+    locks.sort_by_key(|l| (l.session, l.owner, l.flock, l.start));
+    if locks.iter().any(|l| l.session == session) {
+        t.put(Tree::SessLocks, &k2(session, ino), schema::marker());
+    } else {
+        t.remove(Tree::SessLocks, &k2(session, ino));
+    }
+    if locks.is_empty() {
+        t.remove(Tree::Locks, &k1(ino));
+    } else {
+        t.put(Tree::Locks, &k1(ino), encode_locks(&locks));
+    }
+}
+
+/// F_GETLK: the first lock of another holder that conflicts with `req`.
+pub fn get<R: Read + ?Sized>(r: &R, req: &LockReq) -> Result<Option<LockRec>> {
+    req.check(false)?;
+    inode(r, req.ino)?;
+    Ok(load(r, req.ino)?
+        .into_iter()
+        .find(|l| req.conflicts_with(l)))
+}
+
+/// F_SETLK / flock: grants (true) or refuses (false, nothing changed).
+pub fn set(t: &mut Txn<'_>, req: &LockReq) -> Result<bool> {
+    req.check(true)?;
+    inode(t, req.ino)?;
+    sessions::session(t, req.session)?;
+    let all = load(t, req.ino)?;
+    if req.typ != F_UNLCK && all.iter().any(|l| req.conflicts_with(l)) {
+        return Ok(false);
+    }
+    let (mine, mut rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|l| req.holder_of(l));
+    rest.extend(if req.flock {
+        set_flock(req)
+    } else {
+        set_posix(mine, req)
+    });
+    store(t, req.ino, req.session, rest);
+    Ok(true)
+}
+
+fn set_flock(req: &LockReq) -> Vec<LockRec> {
+    if req.typ == F_UNLCK {
+        return Vec::new();
+    }
+    vec![record(req, 0, u64::MAX)]
+}
+
+fn record(req: &LockReq, start: u64, end: u64) -> LockRec {
+    LockRec {
+        session: req.session,
+        owner: req.owner,
+        flock: req.flock,
+        typ: u8::try_from(req.typ).unwrap_or(1),
+        start,
+        end,
+        pid: req.pid,
+    }
+}
+
+/// The holder's fcntl locks after applying `req`: the range is cut out of
+/// every existing lock (splitting where needed), the new lock added, and
+/// touching locks of the same type merged.
+fn set_posix(mine: Vec<LockRec>, req: &LockReq) -> Vec<LockRec> {
+    let mut out = Vec::with_capacity(mine.len() + 2);
+    for l in mine {
+        if l.end < req.start || l.start > req.end {
+            out.push(l);
+            continue;
+        }
+        if l.start < req.start {
+            out.push(LockRec {
+                end: req.start - 1,
+                ..l
+            });
+        }
+        if l.end > req.end {
+            out.push(LockRec {
+                start: req.end + 1,
+                ..l
+            });
+        }
+    }
+    if req.typ != F_UNLCK {
+        out.push(record(req, req.start, req.end));
+    }
+    out.sort_by_key(|l| l.start);
+    let mut merged: Vec<LockRec> = Vec::with_capacity(out.len());
+    for l in out {
+        match merged.last_mut() {
+            Some(m) if m.typ == l.typ && l.start <= m.end.saturating_add(1) => {
+                m.end = m.end.max(l.end);
+                if l.pid == req.pid {
+                    m.pid = l.pid;
+                }
+            }
+            _ => merged.push(l),
+        }
+    }
+    merged
+}
+
+/// Drops every lock session `sid` holds on `ino`.
+pub fn drop_session(t: &mut Txn<'_>, ino: u64, sid: u64) -> Result<()> {
+    let all = load(t, ino)?;
+    let rest = all.into_iter().filter(|l| l.session != sid).collect();
+    store(t, ino, sid, rest);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(start: u64, end: u64, typ: i32) -> LockReq {
+        LockReq {
+            ino: 5,
+            session: 1,
+            owner: 1,
+            start,
+            end,
+            typ,
+            pid: 7,
+            flock: false,
+        }
+    }
+
+    fn ranges(v: &[LockRec]) -> Vec<(u64, u64, u8)> {
+        v.iter().map(|l| (l.start, l.end, l.typ)).collect()
+    }
+
+    #[test]
+    fn posix_split_and_merge() {
+        let v = set_posix(Vec::new(), &req(0, 99, F_WRLCK));
+        let v = set_posix(v, &req(40, 49, F_RDLCK));
+        assert_eq!(ranges(&v), [(0, 39, 1), (40, 49, 0), (50, 99, 1)]);
+        let v = set_posix(v, &req(40, 49, F_WRLCK));
+        assert_eq!(ranges(&v), [(0, 99, 1)]);
+        let v = set_posix(v, &req(10, 19, F_UNLCK));
+        assert_eq!(ranges(&v), [(0, 9, 1), (20, 99, 1)]);
+        let v = set_posix(v, &req(100, u64::MAX, F_WRLCK));
+        assert_eq!(ranges(&v), [(0, 9, 1), (20, u64::MAX, 1)]);
+        let v = set_posix(v, &req(0, u64::MAX, F_UNLCK));
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn conflicts_need_overlap_a_writer_and_another_holder() {
+        let mine = record(&req(0, 9, F_RDLCK), 0, 9);
+        let other = |start, end, typ| LockReq {
+            owner: 2,
+            ..req(start, end, typ)
+        };
+        assert!(!other(0, 9, F_RDLCK).conflicts_with(&mine));
+        assert!(other(9, 20, F_WRLCK).conflicts_with(&mine));
+        assert!(!other(10, 20, F_WRLCK).conflicts_with(&mine));
+        assert!(!req(0, 9, F_WRLCK).conflicts_with(&mine));
+        let flock = LockReq {
+            flock: true,
+            ..other(0, 0, F_WRLCK)
+        };
+        assert!(!flock.conflicts_with(&mine));
+    }
+}

@@ -1,0 +1,521 @@
+//! The tonic service: checks each request's wire fields, runs the operation
+//! on a blocking thread (store calls are synchronous), converts the result.
+//! `MetaError` becomes a `Status` in exactly one place, [`finish`].
+
+use std::sync::Arc;
+
+use migfs_proto::ids::BlockHash;
+use migfs_proto::meta::{self as pb, meta_server::Meta};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::watch;
+use crate::db::MetaDb;
+use crate::error::{MetaError, Result, e};
+use crate::ops::{self, Txn, attr::to_attr, blocks, gc, locks, namei, rename, sessions, xattr};
+use crate::store::MetaStore;
+
+/// Largest ReadDir page.
+const READDIR_MAX: u32 = 4096;
+/// ReadDir page when the request says 0.
+const READDIR_DEFAULT: u32 = 1024;
+/// Largest GcClaim answer.
+const GC_CLAIM_MAX: u32 = 65536;
+
+/// The Meta service over one [`MetaDb`].
+#[derive(Clone, Debug)]
+pub struct MetaService {
+    db: Arc<MetaDb>,
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+/// The one place a [`MetaError`] becomes a [`Status`].
+fn finish<T>(r: Result<T>) -> Reply<T> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+fn ino(v: u64) -> Result<u64> {
+    if v == 0 {
+        return Err(e::einval("inode number 0"));
+    }
+    Ok(v)
+}
+
+fn hash(b: &[u8]) -> Result<[u8; 32]> {
+    BlockHash::try_from(b)
+        .map(|h| h.0)
+        .map_err(|err| e::einval(err.to_string()))
+}
+
+impl MetaService {
+    /// A service over `db`.
+    pub fn new(db: Arc<MetaDb>) -> MetaService {
+        MetaService { db }
+    }
+
+    /// Runs a mutating operation for session `origin` on a blocking thread.
+    async fn write<R, F>(&self, origin: u64, op: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Txn<'_>) -> Result<R> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.write(origin, op))
+            .await
+            .map_err(|err| MetaError::Internal(format!("operation task failed: {err}")))?
+    }
+
+    /// Runs a read-only operation on a blocking thread.
+    async fn read<R, F>(&self, op: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn MetaStore) -> Result<R> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.read(op))
+            .await
+            .map_err(|err| MetaError::Internal(format!("operation task failed: {err}")))?
+    }
+
+    async fn attr_of_write<F>(&self, origin: u64, op: F) -> Reply<pb::Attr>
+    where
+        F: FnOnce(&mut Txn<'_>) -> Result<crate::schema::Inode> + Send + 'static,
+    {
+        finish(self.write(origin, op).await.map(|i| to_attr(&i)))
+    }
+
+    async fn empty_write<F>(&self, origin: u64, op: F) -> Reply<pb::Empty>
+    where
+        F: FnOnce(&mut Txn<'_>) -> Result<()> + Send + 'static,
+    {
+        finish(self.write(origin, op).await.map(|()| pb::Empty {}))
+    }
+
+    async fn create(&self, r: pb::MknodRequest, dir: bool) -> Reply<pb::Attr> {
+        let open_in = (r.open && !dir).then_some(r.session_id);
+        self.attr_of_write(r.session_id, move |t| {
+            let n = namei::NewNode {
+                parent: ino(r.parent)?,
+                name: &r.name,
+                mode: r.mode,
+                rdev: r.rdev,
+                uid: r.uid,
+                gid: r.gid,
+                target: &[],
+                open_in,
+            };
+            if dir {
+                namei::mkdir(t, n)
+            } else {
+                namei::mknod(t, n)
+            }
+        })
+        .await
+    }
+
+    fn lock_req(r: &pb::LockRequest) -> Result<locks::LockReq> {
+        Ok(locks::LockReq {
+            ino: ino(r.ino)?,
+            session: r.session_id,
+            owner: r.owner,
+            start: r.start,
+            end: r.end,
+            typ: r.typ,
+            pid: r.pid,
+            flock: r.flock,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    #[instrument(level = "debug", skip_all, fields(name = %req.get_ref().name))]
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Reply<pb::RegisterNodeReply> {
+        let r = req.into_inner();
+        let lease_ms = self.db.lease_ms();
+        let c = self.db.cluster();
+        let res = self
+            .write(0, move |t| {
+                sessions::register(
+                    t,
+                    &r.name,
+                    &r.addr,
+                    r.capacity_bytes,
+                    r.free_bytes,
+                    lease_ms,
+                )
+            })
+            .await;
+        finish(res.map(|(node_id, session_id)| {
+            tracing::info!(node_id, session_id, "node registered");
+            pb::RegisterNodeReply {
+                node_id,
+                session_id,
+                block_size: c.block_size,
+                lease_ms: u32::try_from(lease_ms).unwrap_or(u32::MAX),
+                replicas: c.replicas,
+            }
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(session = req.get_ref().session_id))]
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatReply> {
+        let r = req.into_inner();
+        let lease_ms = self.db.lease_ms();
+        let res = self
+            .write(r.session_id, move |t| {
+                sessions::heartbeat(t, r.session_id, r.capacity_bytes, r.free_bytes, lease_ms)
+            })
+            .await;
+        finish(res.map(|()| pb::HeartbeatReply {}))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Reply<pb::ListNodesReply> {
+        finish(
+            self.read(|s| sessions::list_nodes(s))
+                .await
+                .map(|nodes| pb::ListNodesReply { nodes }),
+        )
+    }
+
+    type WatchStream = watch::WatchStream;
+
+    #[instrument(level = "debug", skip_all, fields(session = req.get_ref().session_id))]
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Reply<Self::WatchStream> {
+        let sid = req.into_inner().session_id;
+        // Subscribe first: nothing committed after the check is missed.
+        let rx = self.db.subscribe();
+        if self.db.is_closing() {
+            return Err(Status::unavailable("the metadata server is shutting down"));
+        }
+        let res = self.read(move |s| sessions::session(s, sid)).await;
+        finish(res.map(|_| watch::start(&self.db, sid, rx)))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent))]
+    async fn lookup(&self, req: Request<pb::LookupRequest>) -> Reply<pb::Attr> {
+        let r = req.into_inner();
+        let res = self
+            .read(move |s| namei::lookup(s, ino(r.parent)?, &r.name))
+            .await;
+        finish(res.map(|i| to_attr(&i)))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino))]
+    async fn get_attr(&self, req: Request<pb::InoRequest>) -> Reply<pb::Attr> {
+        let n = req.into_inner().ino;
+        finish(
+            self.read(move |s| ops::inode(s, ino(n)?))
+                .await
+                .map(|i| to_attr(&i)),
+        )
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Reply<pb::Attr> {
+        let r = req.into_inner();
+        self.attr_of_write(r.session_id, move |t| {
+            ino(r.ino)?;
+            ops::attr::setattr(t, &r)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
+    async fn mknod(&self, req: Request<pb::MknodRequest>) -> Reply<pb::Attr> {
+        self.create(req.into_inner(), false).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
+    async fn mkdir(&self, req: Request<pb::MknodRequest>) -> Reply<pb::Attr> {
+        self.create(req.into_inner(), true).await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
+    async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Reply<pb::Attr> {
+        let r = req.into_inner();
+        self.attr_of_write(r.session_id, move |t| {
+            let n = namei::NewNode {
+                parent: ino(r.parent)?,
+                name: &r.name,
+                mode: 0,
+                rdev: 0,
+                uid: r.uid,
+                gid: r.gid,
+                target: &r.target,
+                open_in: None,
+            };
+            namei::symlink(t, n)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn link(&self, req: Request<pb::LinkRequest>) -> Reply<pb::Attr> {
+        let r = req.into_inner();
+        self.attr_of_write(r.session_id, move |t| {
+            namei::link(t, ino(r.ino)?, ino(r.new_parent)?, &r.new_name)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
+    async fn unlink(&self, req: Request<pb::NameRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        self.empty_write(r.session_id, move |t| {
+            namei::unlink(t, ino(r.parent)?, &r.name)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
+    async fn rmdir(&self, req: Request<pb::NameRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        self.empty_write(r.session_id, move |t| {
+            namei::rmdir(t, ino(r.parent)?, &r.name)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
+    async fn rename(&self, req: Request<pb::RenameRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        self.empty_write(r.session_id, move |t| {
+            let rn = rename::Rename {
+                parent: ino(r.parent)?,
+                name: &r.name,
+                new_parent: ino(r.new_parent)?,
+                new_name: &r.new_name,
+                flags: r.flags,
+            };
+            rename::rename(t, rn)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino))]
+    async fn readlink(&self, req: Request<pb::InoRequest>) -> Reply<pb::ReadlinkReply> {
+        let n = req.into_inner().ino;
+        let res = self.read(move |s| namei::readlink(s, ino(n)?)).await;
+        finish(res.map(|target| pb::ReadlinkReply { target }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, after = req.get_ref().after_cookie))]
+    async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Reply<pb::ReadDirReply> {
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => READDIR_DEFAULT,
+            n => n.min(READDIR_MAX),
+        };
+        let res = self
+            .read(move |s| namei::readdir(s, ino(r.ino)?, r.after_cookie, limit as usize))
+            .await;
+        finish(res.map(|(entries, eof)| {
+            pb::ReadDirReply {
+                entries: entries
+                    .into_iter()
+                    .map(|d| pb::DirEntry {
+                        name: d.name,
+                        cookie: d.cookie,
+                        attr: Some(to_attr(&d.inode)),
+                    })
+                    .collect(),
+                eof,
+            }
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn stat_fs(&self, _req: Request<pb::Empty>) -> Reply<pb::StatFsReply> {
+        let bs = self.db.cluster().block_size;
+        finish(self.read(move |s| sessions::statfs(s, bs)).await)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn open(&self, req: Request<pb::OpenRequest>) -> Reply<pb::Attr> {
+        let r = req.into_inner();
+        self.attr_of_write(r.session_id, move |t| {
+            sessions::open(t, r.session_id, ino(r.ino)?)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        self.empty_write(r.session_id, move |t| {
+            sessions::release(t, r.session_id, ino(r.ino)?)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino))]
+    async fn get_blocks(&self, req: Request<pb::GetBlocksRequest>) -> Reply<pb::GetBlocksReply> {
+        let r = req.into_inner();
+        let res = self
+            .read(move |s| blocks::get_blocks(s, ino(r.ino)?, r.first_index, r.count))
+            .await;
+        finish(res.map(|(i, blocks)| pb::GetBlocksReply {
+            attr: Some(to_attr(&i)),
+            blocks,
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id, blocks = req.get_ref().blocks.len()))]
+    async fn commit_blocks(&self, req: Request<pb::CommitBlocksRequest>) -> Reply<pb::Attr> {
+        let r = req.into_inner();
+        let commit = (|| {
+            let blocks = r
+                .blocks
+                .iter()
+                .map(|b| {
+                    Ok(blocks::NewBlock {
+                        index: b.index,
+                        hash: hash(&b.hash)?,
+                        len: b.len,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(blocks::Commit {
+                ino: ino(r.ino)?,
+                blocks,
+                holders: r.holders.clone(),
+                min_size: r.min_size,
+                mtime: r.mtime_ns,
+                expect_version: r.expect_version,
+            })
+        })();
+        let commit = match commit {
+            Ok(c) => c,
+            Err(err) => return finish(Err(err)),
+        };
+        self.attr_of_write(r.session_id, move |t| blocks::commit(t, &commit))
+            .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn fallocate(&self, req: Request<pb::FallocateRequest>) -> Reply<pb::Attr> {
+        let r = req.into_inner();
+        self.attr_of_write(r.session_id, move |t| {
+            blocks::fallocate(t, ino(r.ino)?, r.offset, r.length, r.mode)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn sync(&self, _req: Request<pb::Empty>) -> Reply<pb::Empty> {
+        let db = self.db.clone();
+        let res = tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|err| MetaError::Internal(format!("flush task failed: {err}")))
+            .and_then(|r| r);
+        finish(res.map(|()| pb::Empty {}))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn set_xattr(&self, req: Request<pb::SetXattrRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        self.empty_write(r.session_id, move |t| {
+            xattr::set(t, ino(r.ino)?, &r.name, &r.value, r.flags)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino))]
+    async fn get_xattr(&self, req: Request<pb::XattrRequest>) -> Reply<pb::GetXattrReply> {
+        let r = req.into_inner();
+        let res = self
+            .read(move |s| xattr::get(s, ino(r.ino)?, &r.name))
+            .await;
+        finish(res.map(|value| pb::GetXattrReply { value }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino))]
+    async fn list_xattr(&self, req: Request<pb::InoRequest>) -> Reply<pb::ListXattrReply> {
+        let n = req.into_inner().ino;
+        let res = self.read(move |s| xattr::list(s, ino(n)?)).await;
+        finish(res.map(|names| pb::ListXattrReply { names }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn remove_xattr(&self, req: Request<pb::XattrRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        self.empty_write(r.session_id, move |t| {
+            xattr::remove(t, ino(r.ino)?, &r.name)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn get_lock(&self, req: Request<pb::LockRequest>) -> Reply<pb::LockReply> {
+        let r = req.into_inner();
+        let res = self
+            .read(move |s| locks::get(s, &Self::lock_req(&r)?))
+            .await;
+        finish(res.map(|found| match found {
+            Some(l) => pb::LockReply {
+                granted: false,
+                typ: i32::from(l.typ),
+                start: l.start,
+                end: l.end,
+                pid: l.pid,
+            },
+            None => pb::LockReply {
+                granted: true,
+                typ: locks::F_UNLCK,
+                ..Default::default()
+            },
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
+    async fn set_lock(&self, req: Request<pb::LockRequest>) -> Reply<pb::LockReply> {
+        let r = req.into_inner();
+        let res = self
+            .write(r.session_id, move |t| locks::set(t, &Self::lock_req(&r)?))
+            .await;
+        finish(res.map(|granted| pb::LockReply {
+            granted,
+            typ: locks::F_UNLCK,
+            ..Default::default()
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(node = req.get_ref().node_id))]
+    async fn gc_claim(&self, req: Request<pb::GcClaimRequest>) -> Reply<pb::GcClaimReply> {
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 1024,
+            n => n.min(GC_CLAIM_MAX),
+        };
+        let res = self
+            .read(move |s| {
+                if r.node_id == 0 {
+                    return Err(e::einval("node id 0"));
+                }
+                gc::claim(s, r.node_id, limit as usize)
+            })
+            .await;
+        finish(res.map(|hs| pb::GcClaimReply {
+            hashes: hs.into_iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(node = req.get_ref().node_id, hashes = req.get_ref().hashes.len()))]
+    async fn gc_done(&self, req: Request<pb::GcDoneRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        let hashes = r.hashes.iter().map(|h| hash(h)).collect::<Result<Vec<_>>>();
+        self.empty_write(0, move |t| {
+            if r.node_id == 0 {
+                return Err(e::einval("node id 0"));
+            }
+            gc::done(t, r.node_id, &hashes?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,210 @@
+//! The store contract, checked against every implementation: point reads,
+//! ordered range scans with limits, atomic multi-tree batches, monotonic
+//! ids; and for the on-disk store, persistence across a reopen.
+
+use migfs_meta::schema::Tree;
+use migfs_meta::store::{Batch, MemStore, MetaStore, SledStore};
+
+/// A store plus whatever must outlive it (a temp dir).
+struct Fixture {
+    store: Box<dyn MetaStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn mem() -> Fixture {
+    Fixture {
+        store: Box::new(MemStore::new()),
+        _dir: None,
+    }
+}
+
+fn sled() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    Fixture {
+        store: Box::new(SledStore::open(dir.path()).unwrap()),
+        _dir: Some(dir),
+    }
+}
+
+fn keys(v: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<Vec<u8>> {
+    v.into_iter().map(|(k, _)| k).collect()
+}
+
+fn get_put_remove(s: &dyn MetaStore) {
+    assert_eq!(s.get(Tree::Inodes, b"a").unwrap(), None);
+    let mut b = Batch::new();
+    b.put(Tree::Inodes, b"a".to_vec(), b"1".to_vec());
+    b.put(Tree::Dentries, b"a".to_vec(), b"2".to_vec());
+    s.apply(&b).unwrap();
+    assert_eq!(s.get(Tree::Inodes, b"a").unwrap(), Some(b"1".to_vec()));
+    // Trees are separate key spaces.
+    assert_eq!(s.get(Tree::Dentries, b"a").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(s.get(Tree::Blocks, b"a").unwrap(), None);
+    let mut b = Batch::new();
+    b.remove(Tree::Inodes, b"a".to_vec());
+    b.remove(Tree::Inodes, b"never-there".to_vec());
+    s.apply(&b).unwrap();
+    assert_eq!(s.get(Tree::Inodes, b"a").unwrap(), None);
+    assert_eq!(s.get(Tree::Dentries, b"a").unwrap(), Some(b"2".to_vec()));
+}
+
+fn scan_is_ordered_bounded_and_limited(s: &dyn MetaStore) {
+    let mut b = Batch::new();
+    // Inserted out of order, big-endian u64 keys and byte strings mixed.
+    for n in [300u64, 2, 70_000, 1, 256, 65_535] {
+        b.put(
+            Tree::Blocks,
+            n.to_be_bytes().to_vec(),
+            n.to_le_bytes().to_vec(),
+        );
+    }
+    b.put(Tree::Xattrs, b"x".to_vec(), vec![]);
+    s.apply(&b).unwrap();
+    let all = s.scan(Tree::Blocks, &[], None, usize::MAX).unwrap();
+    let nums: Vec<u64> = all
+        .iter()
+        .map(|(k, _)| u64::from_be_bytes(k.as_slice().try_into().unwrap()))
+        .collect();
+    assert_eq!(nums, [1, 2, 256, 300, 65_535, 70_000]);
+    assert_eq!(all[2].1, 256u64.to_le_bytes());
+    // Start inclusive, end exclusive.
+    let r = s
+        .scan(
+            Tree::Blocks,
+            &2u64.to_be_bytes(),
+            Some(&300u64.to_be_bytes()),
+            10,
+        )
+        .unwrap();
+    assert_eq!(
+        keys(r),
+        [2u64.to_be_bytes().to_vec(), 256u64.to_be_bytes().to_vec()]
+    );
+    // Limit.
+    let r = s.scan(Tree::Blocks, &3u64.to_be_bytes(), None, 2).unwrap();
+    assert_eq!(
+        keys(r),
+        [256u64.to_be_bytes().to_vec(), 300u64.to_be_bytes().to_vec()]
+    );
+    assert!(s.scan(Tree::Blocks, &[], None, 0).unwrap().is_empty());
+    // Empty and inverted ranges.
+    assert!(
+        s.scan(
+            Tree::Blocks,
+            &5u64.to_be_bytes(),
+            Some(&5u64.to_be_bytes()),
+            9
+        )
+        .unwrap()
+        .is_empty()
+    );
+    assert!(
+        s.scan(
+            Tree::Blocks,
+            &9u64.to_be_bytes(),
+            Some(&5u64.to_be_bytes()),
+            9
+        )
+        .unwrap()
+        .is_empty()
+    );
+    // A scan never crosses into another tree.
+    assert_eq!(
+        keys(s.scan(Tree::Xattrs, &[], None, 100).unwrap()),
+        [b"x".to_vec()]
+    );
+}
+
+fn batch_applies_every_write_in_order(s: &dyn MetaStore) {
+    let mut b = Batch::new();
+    b.put(Tree::Sessions, b"k".to_vec(), b"first".to_vec());
+    b.put(Tree::Opens, b"k".to_vec(), b"o".to_vec());
+    b.put(Tree::Sessions, b"k".to_vec(), b"second".to_vec());
+    b.put(Tree::Locks, b"gone".to_vec(), b"x".to_vec());
+    b.remove(Tree::Locks, b"gone".to_vec());
+    assert_eq!(b.len(), 5);
+    s.apply(&b).unwrap();
+    assert_eq!(
+        s.get(Tree::Sessions, b"k").unwrap(),
+        Some(b"second".to_vec())
+    );
+    assert_eq!(s.get(Tree::Opens, b"k").unwrap(), Some(b"o".to_vec()));
+    assert_eq!(s.get(Tree::Locks, b"gone").unwrap(), None);
+    s.apply(&Batch::new()).unwrap();
+    s.flush().unwrap();
+}
+
+fn ids_increase(s: &dyn MetaStore) {
+    let mut last = 0;
+    for _ in 0..1000 {
+        let id = s.next_id().unwrap();
+        assert!(id >= 1 && id > last, "id {id} after {last}");
+        last = id;
+    }
+}
+
+fn large_batch_over_every_tree(s: &dyn MetaStore) {
+    let mut b = Batch::new();
+    for (i, t) in Tree::ALL.iter().enumerate() {
+        for j in 0u32..200 {
+            b.put(
+                *t,
+                j.to_be_bytes().to_vec(),
+                vec![u8::try_from(i).unwrap(); 64],
+            );
+        }
+    }
+    s.apply(&b).unwrap();
+    for t in Tree::ALL {
+        assert_eq!(
+            s.scan(t, &[], None, usize::MAX).unwrap().len(),
+            200,
+            "tree {}",
+            t.name()
+        );
+    }
+}
+
+macro_rules! conformance {
+    ($store:ident: $($case:ident),* $(,)?) => {
+        mod $store {
+            $(
+                #[test]
+                fn $case() {
+                    let f = super::$store();
+                    super::$case(f.store.as_ref());
+                }
+            )*
+        }
+    };
+}
+
+conformance!(mem: get_put_remove, scan_is_ordered_bounded_and_limited,
+    batch_applies_every_write_in_order, ids_increase, large_batch_over_every_tree);
+conformance!(sled: get_put_remove, scan_is_ordered_bounded_and_limited,
+    batch_applies_every_write_in_order, ids_increase, large_batch_over_every_tree);
+
+#[test]
+fn sled_data_and_ids_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut b = Batch::new();
+        b.put(Tree::Inodes, 7u64.to_be_bytes().to_vec(), b"seven".to_vec());
+        b.put(Tree::Dentries, b"d".to_vec(), b"e".to_vec());
+        s.apply(&b).unwrap();
+        s.flush().unwrap();
+        (0..10).map(|_| s.next_id().unwrap()).max().unwrap()
+    };
+    let s = SledStore::open(dir.path()).unwrap();
+    assert_eq!(
+        s.get(Tree::Inodes, &7u64.to_be_bytes()).unwrap(),
+        Some(b"seven".to_vec())
+    );
+    assert_eq!(s.get(Tree::Dentries, b"d").unwrap(), Some(b"e".to_vec()));
+    let after = s.next_id().unwrap();
+    assert!(
+        after > before,
+        "id {after} after reopen is not above {before}"
+    );
+}

@@ -1,0 +1,262 @@
+//! Open descriptors (path, flags, offset, close-on-exec, shared
+//! descriptions), the locks held through them, cwd and exe, and how each
+//! file is found again: its path, and for files on migfs its inode
+//! number (reopened through `<mount>/.migfs/by-inode/<ino>` when the path
+//! is gone). Content hashes let a restore refuse a changed file.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+
+use migfs_proto::image::{Fd, FdKind, FileLock, FileRef, LockKind, MigfsRef};
+use nix::unistd::Pid;
+
+use super::remote::Remote;
+use crate::check::{self, MIGFS_FSTYPE, Movable};
+use crate::error::CaptureError;
+use crate::sys::procfs::{self, Mount};
+use crate::sys::task;
+
+/// Builds [`FileRef`]s for one process, hashing each file once.
+pub struct FileCtx {
+    pid: Pid,
+    mounts: Vec<Mount>,
+    hash_limit: u64,
+    hashes: HashMap<(u64, u64), Vec<u8>>,
+}
+
+impl FileCtx {
+    /// Files of `pid`; contents up to `hash_limit` bytes are hashed.
+    pub fn new(pid: Pid, hash_limit: u64) -> Result<FileCtx, CaptureError> {
+        let mounts = procfs::mountinfo(pid).map_err(|source| CaptureError::Io {
+            pid: pid.as_raw(),
+            what: "mountinfo".into(),
+            source,
+        })?;
+        Ok(FileCtx {
+            pid,
+            mounts,
+            hash_limit,
+            hashes: HashMap::new(),
+        })
+    }
+
+    /// The migfs mount holding device `dev`, if any.
+    pub fn migfs_by_dev(&self, dev: u64) -> Option<&Mount> {
+        let d = (libc::major(dev), libc::minor(dev));
+        self.mounts
+            .iter()
+            .find(|m| m.dev == d && m.fstype == MIGFS_FSTYPE)
+    }
+
+    /// Describes the file behind the /proc magic link `proc_path`, which
+    /// the process sees as `shown`.
+    pub fn file_ref(
+        &mut self,
+        proc_path: &str,
+        shown: &str,
+        hash: bool,
+    ) -> Result<FileRef, CaptureError> {
+        let p = self.pid.as_raw();
+        let meta = std::fs::metadata(proc_path).map_err(|source| CaptureError::Io {
+            pid: p,
+            what: format!("stat {shown}"),
+            source,
+        })?;
+        let (path, deleted) = match shown.strip_suffix(" (deleted)") {
+            Some(s) => (s, true),
+            None => (shown, false),
+        };
+        let migfs = self.migfs_by_dev(meta.dev()).map(|m| MigfsRef {
+            mountpoint: m.mountpoint.clone(),
+            ino: meta.ino(),
+        });
+        let mut r = FileRef {
+            path: path.to_owned(),
+            deleted,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mode: meta.mode(),
+            size: meta.size(),
+            migfs,
+            content_blake3: Vec::new(),
+            hashed: false,
+            rdev: meta.rdev(),
+        };
+        if hash && meta.is_file() && meta.size() <= self.hash_limit {
+            let key = (meta.dev(), meta.ino());
+            let h = match self.hashes.get(&key) {
+                Some(h) => h.clone(),
+                None => {
+                    let h =
+                        hash_file(proc_path, meta.size()).map_err(|source| CaptureError::Io {
+                            pid: p,
+                            what: format!("hash {shown}"),
+                            source,
+                        })?;
+                    self.hashes.insert(key, h.clone());
+                    h
+                }
+            };
+            r.content_blake3 = h;
+            r.hashed = true;
+        }
+        Ok(r)
+    }
+}
+
+/// blake3 of the first `size` bytes of the file at `path`.
+pub fn hash_file(path: &str, size: u64) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut r = f.take(size);
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().as_bytes().to_vec())
+}
+
+/// Every descriptor and the locks held through them. Files on migfs open
+/// for writing are fsync'd through the process's own descriptor, so the
+/// data is published before the image is.
+pub fn fds(ctx: &mut FileCtx, remote: &Remote) -> Result<(Vec<Fd>, Vec<FileLock>), CaptureError> {
+    let pid = ctx.pid;
+    let p = pid.as_raw();
+    let io = |what: String| {
+        move |source| CaptureError::Io {
+            pid: p,
+            what,
+            source,
+        }
+    };
+    let mut out: Vec<Fd> = Vec::new();
+    let mut locks = Vec::new();
+    let mut posix_seen = Vec::new();
+    for fd in procfs::numeric_dir(&format!("/proc/{pid}/fd")).map_err(io("list fds".into()))? {
+        let proc_path = format!("/proc/{pid}/fd/{fd}");
+        let link = std::fs::read_link(&proc_path).map_err(io(format!("fd {fd}")))?;
+        let link = link.to_string_lossy().into_owned();
+        let meta = std::fs::metadata(&proc_path).map_err(io(format!("fd {fd}: stat {link}")))?;
+        let info = procfs::fdinfo(pid, fd).map_err(io(format!("fd {fd}: fdinfo")))?;
+        let migfs = check::on_migfs(&ctx.mounts, info.mnt_id).is_some();
+        let kind = check::classify_fd(pid, &link, &meta, check::on_migfs(&ctx.mounts, info.mnt_id))
+            .map_err(|why| CaptureError::Unsupported {
+                pid: p,
+                what: format!("fd {fd}: {why}"),
+            })?;
+        let dup_of = shared_with(pid, &out, fd, &meta)?;
+        let file = ctx.file_ref(&proc_path, &link, kind == Movable::Regular && dup_of < 0)?;
+        let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
+        let flags = info.flags & !(libc::O_CLOEXEC as u32);
+        if migfs
+            && kind == Movable::Regular
+            && flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32
+        {
+            let (ret, _) = remote.call(
+                pid,
+                libc::SYS_fsync,
+                |_| [u64::try_from(fd).unwrap_or(0), 0, 0, 0, 0, 0],
+                &[],
+                0,
+            )?;
+            ret.map_err(|errno| CaptureError::Sys {
+                pid: p,
+                what: format!("fd {fd}: fsync {link}"),
+                errno,
+            })?;
+        }
+        for l in &info.locks {
+            let kind = match l.class.as_str() {
+                "POSIX" => LockKind::LockPosix,
+                "FLOCK" => LockKind::LockFlock,
+                "OFDLCK" => LockKind::LockOfd,
+                other => {
+                    return Err(CaptureError::Unsupported {
+                        pid: p,
+                        what: format!("fd {fd}: {other} lock on {link}"),
+                    });
+                }
+            };
+            let len = l.end.map_or(0, |e| e - l.start + 1);
+            let key = (meta.dev(), meta.ino(), l.start, len, l.write);
+            if kind == LockKind::LockPosix && posix_seen.contains(&key)
+                || kind != LockKind::LockPosix && dup_of >= 0
+            {
+                continue;
+            }
+            posix_seen.push(key);
+            locks.push(FileLock {
+                fd,
+                kind: kind as i32,
+                write: l.write,
+                start: l.start,
+                len,
+            });
+        }
+        let kind = match kind {
+            Movable::Regular => FdKind::FdRegular,
+            Movable::Directory => FdKind::FdDirectory,
+            Movable::PlainDevice => FdKind::FdCharDevice,
+        };
+        out.push(Fd {
+            fd,
+            kind: kind as i32,
+            flags,
+            cloexec,
+            pos: info.pos,
+            file: Some(file),
+            dup_of,
+        });
+    }
+    Ok((out, locks))
+}
+
+/// The lowest earlier descriptor sharing `fd`'s open file description.
+fn shared_with(
+    pid: Pid,
+    earlier: &[Fd],
+    fd: i32,
+    meta: &std::fs::Metadata,
+) -> Result<i32, CaptureError> {
+    for e in earlier.iter().filter(|e| e.dup_of < 0) {
+        let same_file = e
+            .file
+            .as_ref()
+            .is_some_and(|f| f.dev == meta.dev() && f.ino == meta.ino());
+        if same_file {
+            let same =
+                task::same_file_description(pid, e.fd, fd).map_err(|errno| CaptureError::Sys {
+                    pid: pid.as_raw(),
+                    what: format!("kcmp fd {} and fd {fd}", e.fd),
+                    errno,
+                })?;
+            if same {
+                return Ok(e.fd);
+            }
+        }
+    }
+    Ok(-1)
+}
+
+/// The working directory and the executable.
+pub fn cwd_and_exe(ctx: &mut FileCtx) -> Result<(FileRef, FileRef), CaptureError> {
+    let pid = ctx.pid;
+    let link = |what: &str| {
+        std::fs::read_link(format!("/proc/{pid}/{what}"))
+            .map(|l| l.to_string_lossy().into_owned())
+            .map_err(|source| CaptureError::Io {
+                pid: pid.as_raw(),
+                what: what.into(),
+                source,
+            })
+    };
+    let (cwd, exe) = (link("cwd")?, link("exe")?);
+    let cwd = ctx.file_ref(&format!("/proc/{pid}/cwd"), &cwd, false)?;
+    let exe = ctx.file_ref(&format!("/proc/{pid}/exe"), &exe, true)?;
+    Ok((cwd, exe))
+}

@@ -1,0 +1,126 @@
+//! Capture (DESIGN "Migration" step 4): everything a restore needs, read
+//! from a [`Frozen`] process into an image directory.
+//!
+//! - [`regs`]: per-thread registers, xsave, masks, rseq, robust list, ...
+//! - [`mm`]: mappings, mm fields, vDSO, page contents.
+//! - [`files`]: descriptors, locks, cwd, exe.
+//! - [`signals`]: handlers and the shared pending queue.
+//! - [`process`]: umask, rlimits, credentials, personality.
+//! - [`remote`]: running single calls inside the frozen process.
+
+pub mod files;
+pub mod mm;
+pub mod process;
+pub mod regs;
+pub mod remote;
+pub mod signals;
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use migfs_proto::image::{Cpu, Image};
+
+use crate::error::{FreezeError, MigError};
+use crate::freeze::Frozen;
+use crate::image::format::FORMAT_VERSION;
+use crate::image::persist::{self, PagesWriter};
+use crate::sys::{procfs, xsave};
+
+/// Knobs of a capture.
+#[derive(Clone, Debug)]
+pub struct CaptureOptions {
+    /// Files up to this size get a content hash a restore checks.
+    pub hash_limit: u64,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions {
+            hash_limit: 64 << 20,
+        }
+    }
+}
+
+/// What a capture wrote and how long it took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CaptureStats {
+    /// Bytes of `image.pb`.
+    pub image_bytes: u64,
+    /// Bytes of `pages.img`.
+    pub pages_bytes: u64,
+    /// Time spent copying pages.
+    pub copy: Duration,
+    /// Whole capture.
+    pub total: Duration,
+}
+
+/// Writes the image of `frozen` to `dir`.
+#[tracing::instrument(skip_all, fields(pid = frozen.pid().as_raw(), dir = %dir.display()))]
+pub fn capture(
+    frozen: &Frozen,
+    dir: &Path,
+    opts: &CaptureOptions,
+) -> Result<CaptureStats, MigError> {
+    let t0 = Instant::now();
+    let pid = frozen.pid();
+    let p = pid.as_raw();
+    let blockers = crate::check::check(pid)?;
+    if !blockers.is_empty() {
+        return Err(FreezeError::Refused { pid: p, blockers }.into());
+    }
+    let io = |what: &'static str| {
+        move |source| crate::error::CaptureError::Io {
+            pid: p,
+            what: what.into(),
+            source,
+        }
+    };
+    let maps = procfs::maps(pid).map_err(io("maps"))?;
+    let remote = remote::Remote::new(pid, &maps)?;
+    let mut ctx = files::FileCtx::new(pid, opts.hash_limit)?;
+    let threads = frozen
+        .threads()
+        .iter()
+        .map(|t| regs::capture_thread(pid, t, &remote))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sigactions = signals::sigactions(pid, &remote)?;
+    let shared_pending = signals::shared_pending(pid)?;
+    let (fds, locks) = files::fds(&mut ctx, &remote)?;
+    let (cwd, exe) = files::cwd_and_exe(&mut ctx)?;
+    let process = process::process(pid, cwd, exe)?;
+    let mut pages = PagesWriter::create(dir)?;
+    let (mm, mem) = mm::capture_mm(pid, &maps, &mut ctx, &remote, &mut pages)?;
+    let xsave0 = &threads[0].xsave;
+    let cpu = Cpu {
+        xfeatures: xsave::xfeatures(xsave0).unwrap_or(0),
+        xsave_size: u32::try_from(xsave0.len()).unwrap_or(u32::MAX),
+    };
+    let frozen_at = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let img = Image {
+        format_version: FORMAT_VERSION,
+        arch: std::env::consts::ARCH.into(),
+        kernel_release: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        frozen_at_unix_ms: u64::try_from(frozen_at.as_millis()).unwrap_or(u64::MAX),
+        process: Some(process),
+        threads,
+        mm: Some(mm),
+        fds,
+        sigactions,
+        locks,
+        shared_pending,
+        cpu: Some(cpu),
+        pages_size: pages.size(),
+    };
+    drop(pages);
+    let image_bytes = persist::write_image(dir, &img)?;
+    Ok(CaptureStats {
+        image_bytes,
+        pages_bytes: img.pages_size,
+        copy: mem.copy,
+        total: t0.elapsed(),
+    })
+}

@@ -1,0 +1,215 @@
+//! Per-thread state: registers (with the interrupted system call turned
+//! into a restart), xsave, signal mask, rseq, robust list,
+//! clear_child_tid, alternate signal stack, name, pending signals.
+
+use migfs_proto::image::{AltStack, PendingSignal, Rseq, Thread};
+use nix::unistd::Pid;
+
+use super::remote::Remote;
+use crate::error::CaptureError;
+use crate::freeze::FrozenThread;
+use crate::sys::abi::{self, reg};
+use crate::sys::ptrace::{self, Regs};
+use crate::sys::task;
+
+/// `TIMER_ABSTIME` for clock_nanosleep.
+const TIMER_ABSTIME: u64 = 1;
+
+/// Captures one frozen thread of `pid`.
+pub fn capture_thread(pid: Pid, t: &FrozenThread, remote: &Remote) -> Result<Thread, CaptureError> {
+    let p = pid.as_raw();
+    let tid = t.tid;
+    let sys = |what: &'static str| {
+        move |errno| CaptureError::Sys {
+            pid: p,
+            what: format!("thread {tid}: {what}"),
+            errno,
+        }
+    };
+    let mut regs = ptrace::getregs(tid).map_err(sys("PTRACE_GETREGS"))?;
+    let xsave = ptrace::get_xstate(tid).map_err(sys("PTRACE_GETREGSET NT_X86_XSTATE"))?;
+    let sigmask = ptrace::get_sigmask(tid).map_err(sys("PTRACE_GETSIGMASK"))?;
+    let rseq = ptrace::get_rseq(tid).map_err(sys("PTRACE_GET_RSEQ_CONFIGURATION"))?;
+    let (robust_list, robust_list_len) =
+        task::get_robust_list(tid).map_err(sys("get_robust_list"))?;
+    let mut note = restart_fixup(&mut regs).unwrap_or_default();
+    if let Some(n) = rseq.and_then(|r| rseq_fixup(remote, &mut regs, r.addr)) {
+        note = n;
+    }
+    let clear_child_tid = tid_address(remote, tid)?;
+    let altstack = alt_stack(remote, tid)?;
+    let comm =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).map_err(|source| {
+            CaptureError::Io {
+                pid: p,
+                what: format!("thread {tid}: comm"),
+                source,
+            }
+        })?;
+    let queued = ptrace::peek_siginfo(tid, false).map_err(sys("PTRACE_PEEKSIGINFO"))?;
+    let pending: Vec<PendingSignal> = t.held.iter().chain(&queued).map(pending).collect();
+    Ok(Thread {
+        tid: tid.as_raw(),
+        comm: comm.trim_end_matches('\n').to_owned(),
+        regs: regs.to_vec(),
+        xsave,
+        sigmask,
+        rseq: rseq.map(|r| Rseq {
+            addr: r.addr,
+            len: r.len,
+            signature: r.signature,
+            flags: r.flags,
+        }),
+        robust_list,
+        robust_list_len,
+        clear_child_tid,
+        altstack: Some(altstack),
+        pending,
+        syscall_note: note,
+    })
+}
+
+/// A pending signal from a raw siginfo.
+pub fn pending(info: &[u8; abi::SIGINFO_SIZE]) -> PendingSignal {
+    let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
+    PendingSignal {
+        signo,
+        siginfo: info.to_vec(),
+    }
+}
+
+/// Turns a system call the freeze interrupted into one the restored
+/// thread makes again, as the kernel would have on resume. Relative
+/// sleeps restart with the remaining time when the program gave a
+/// `rem` pointer (the kernel wrote it there); other calls restart with
+/// their own arguments. Returns a note saying what was done.
+pub fn restart_fixup(regs: &mut Regs) -> Option<String> {
+    let nr = regs[reg::ORIG_RAX] as i64;
+    if nr < 0 {
+        return None;
+    }
+    let ret = -(regs[reg::RAX] as i64);
+    let note = match ret {
+        abi::ERESTARTSYS | abi::ERESTARTNOINTR | abi::ERESTARTNOHAND => {
+            format!("syscall {nr} restarted")
+        }
+        abi::ERESTART_RESTARTBLOCK => match nr {
+            libc::SYS_nanosleep if regs[reg::RSI] != 0 => {
+                regs[reg::RDI] = regs[reg::RSI];
+                "nanosleep restarted with the remaining time".to_owned()
+            }
+            libc::SYS_clock_nanosleep
+                if regs[reg::RSI] & TIMER_ABSTIME == 0 && regs[reg::R10] != 0 =>
+            {
+                regs[reg::RDX] = regs[reg::R10];
+                "clock_nanosleep restarted with the remaining time".to_owned()
+            }
+            _ => format!("syscall {nr} restarted with its arguments"),
+        },
+        _ => return None,
+    };
+    regs[reg::RAX] = nr.cast_unsigned();
+    regs[reg::RIP] -= 2;
+    Some(note)
+}
+
+/// A thread stopped inside an rseq critical section resumes at its abort
+/// handler, as the kernel would have sent it there.
+fn rseq_fixup(remote: &Remote, regs: &mut Regs, rseq_addr: u64) -> Option<String> {
+    let cs_ptr = remote.read(rseq_addr + 8, 8).ok()?;
+    let cs = u64::from_ne_bytes(cs_ptr.try_into().ok()?);
+    if cs == 0 {
+        return None;
+    }
+    let raw = remote.read(cs, 32).ok()?;
+    let word = |i: usize| u64::from_ne_bytes(raw[i..i + 8].try_into().unwrap_or([0; 8]));
+    let (start, post_commit, abort) = (word(8), word(16), word(24));
+    let ip = regs[reg::RIP];
+    (ip >= start && ip < start.wrapping_add(post_commit)).then(|| {
+        regs[reg::RIP] = abort;
+        format!("inside an rseq critical section: resumes at its abort handler {abort:#x}")
+    })
+}
+
+fn tid_address(remote: &Remote, tid: Pid) -> Result<u64, CaptureError> {
+    let (ret, out) = remote.call(
+        tid,
+        libc::SYS_prctl,
+        |s| [abi::PR_GET_TID_ADDRESS, s, 0, 0, 0, 0],
+        &[],
+        8,
+    )?;
+    ret.map_err(|errno| CaptureError::Sys {
+        pid: remote.pid().as_raw(),
+        what: format!("thread {tid}: PR_GET_TID_ADDRESS"),
+        errno,
+    })?;
+    Ok(u64::from_ne_bytes(out[..8].try_into().unwrap_or([0; 8])))
+}
+
+fn alt_stack(remote: &Remote, tid: Pid) -> Result<AltStack, CaptureError> {
+    let (ret, out) = remote.call(
+        tid,
+        libc::SYS_sigaltstack,
+        |s| [0, s, 0, 0, 0, 0],
+        &[],
+        abi::STACK_T_SIZE,
+    )?;
+    ret.map_err(|errno| CaptureError::Sys {
+        pid: remote.pid().as_raw(),
+        what: format!("thread {tid}: sigaltstack"),
+        errno,
+    })?;
+    let word = |i: usize| u64::from_ne_bytes(out[i..i + 8].try_into().unwrap_or([0; 8]));
+    Ok(AltStack {
+        sp: word(0),
+        flags: (word(8) & 0xffff_ffff) as u32,
+        size: word(16),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs(nr: i64, ret: i64) -> Regs {
+        let mut r = [0u64; reg::COUNT];
+        r[reg::ORIG_RAX] = nr.cast_unsigned();
+        r[reg::RAX] = ret.cast_unsigned();
+        r[reg::RIP] = 0x1002;
+        r
+    }
+
+    #[test]
+    fn restarts_interrupted_calls() {
+        let mut r = regs(libc::SYS_read, -abi::ERESTARTSYS);
+        assert!(restart_fixup(&mut r).is_some());
+        assert_eq!((r[reg::RAX], r[reg::RIP]), (libc::SYS_read as u64, 0x1000));
+
+        let mut r = regs(libc::SYS_clock_nanosleep, -abi::ERESTART_RESTARTBLOCK);
+        r[reg::RDX] = 0x5000; // req
+        r[reg::R10] = 0x6000; // rem
+        restart_fixup(&mut r).unwrap();
+        assert_eq!(
+            (r[reg::RDX], r[reg::RIP]),
+            (0x6000, 0x1000),
+            "sleeps the remaining time"
+        );
+
+        let mut r = regs(libc::SYS_nanosleep, -abi::ERESTART_RESTARTBLOCK);
+        r[reg::RDI] = 0x5000;
+        restart_fixup(&mut r).unwrap();
+        assert_eq!(r[reg::RDI], 0x5000, "no rem pointer: the full time again");
+    }
+
+    #[test]
+    fn leaves_finished_calls_alone() {
+        let mut r = regs(libc::SYS_write, 8);
+        assert!(restart_fixup(&mut r).is_none());
+        assert_eq!(r[reg::RIP], 0x1002);
+        let mut r = regs(libc::SYS_read, -libc::EINTR as i64);
+        assert!(restart_fixup(&mut r).is_none());
+        let mut r = regs(-1, -abi::ERESTARTSYS);
+        assert!(restart_fixup(&mut r).is_none(), "not in a syscall");
+    }
+}

@@ -1,0 +1,116 @@
+//! A whole checkpoint: check, freeze, capture, then end the original or
+//! let it run on. Refusals happen before anything is frozen; a failed
+//! capture thaws the process untouched.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+use crate::capture::{self, CaptureOptions, CaptureStats};
+use crate::error::{FreezeError, MigError};
+use crate::freeze;
+use crate::sys::procfs;
+
+/// Knobs of [`checkpoint`].
+#[derive(Clone, Debug)]
+pub struct CheckpointOptions {
+    /// Thaw the process afterwards instead of ending it.
+    pub leave_running: bool,
+    /// Give up when a thread does not stop within this time.
+    pub freeze_timeout: Duration,
+    /// Capture knobs.
+    pub capture: CaptureOptions,
+}
+
+impl Default for CheckpointOptions {
+    fn default() -> Self {
+        CheckpointOptions {
+            leave_running: false,
+            freeze_timeout: Duration::from_secs(10),
+            capture: CaptureOptions::default(),
+        }
+    }
+}
+
+/// What a checkpoint did and how long each part took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CheckpointReport {
+    /// Threads frozen.
+    pub threads: usize,
+    /// Time to stop every thread.
+    pub freeze: Duration,
+    /// Capture (incl. writing the image).
+    pub capture: CaptureStats,
+    /// From the start of the freeze until the process was ended or thawed.
+    pub frozen_for: Duration,
+}
+
+/// Checkpoints `pid` into `dir`.
+#[tracing::instrument(skip_all, fields(pid = pid.as_raw(), dir = %dir.display()))]
+pub fn checkpoint(
+    pid: Pid,
+    dir: &Path,
+    opts: &CheckpointOptions,
+) -> Result<CheckpointReport, MigError> {
+    let blockers = crate::check::check(pid)?;
+    if !blockers.is_empty() {
+        return Err(FreezeError::Refused {
+            pid: pid.as_raw(),
+            blockers,
+        }
+        .into());
+    }
+    let t0 = Instant::now();
+    let frozen = freeze::freeze(pid, opts.freeze_timeout)?;
+    let freeze = t0.elapsed();
+    let threads = frozen.threads().len();
+    let capture = match capture::capture(&frozen, dir, &opts.capture) {
+        Ok(c) => c,
+        Err(e) => {
+            thaw(frozen);
+            return Err(e);
+        }
+    };
+    if opts.leave_running {
+        thaw(frozen);
+    } else {
+        frozen.kill()?;
+    }
+    Ok(CheckpointReport {
+        threads,
+        freeze,
+        capture,
+        frozen_for: t0.elapsed(),
+    })
+}
+
+/// Lets `frozen` run on, queueing again the signals it was taking.
+fn thaw(frozen: freeze::Frozen) {
+    let pid = frozen.pid();
+    let remote = procfs::maps(pid)
+        .ok()
+        .and_then(|m| capture::remote::Remote::new(pid, &m).ok());
+    frozen.thaw_with(|tid, info| {
+        let Some(r) = &remote else { return };
+        let signo = u64::from(u32::from_ne_bytes([info[0], info[1], info[2], info[3]]));
+        let (tgid, t) = (
+            u64::try_from(pid.as_raw()).unwrap_or(0),
+            u64::try_from(tid.as_raw()).unwrap_or(0),
+        );
+        let res = r.call(
+            tid,
+            libc::SYS_rt_tgsigqueueinfo,
+            |s| [tgid, t, signo, s, 0, 0],
+            info,
+            0,
+        );
+        if !matches!(res, Ok((Ok(_), _))) {
+            tracing::warn!(
+                tid = tid.as_raw(),
+                signo,
+                "could not queue a held signal again"
+            );
+        }
+    });
+}

@@ -1,0 +1,9 @@
+//! The checkpoint image: a directory with `image.pb` (one prost
+//! [`Image`](migfs_proto::image::Image) message, framed and checksummed)
+//! and `pages.img` (page contents, a blake3 per segment).
+//!
+//! - [`format`]: framing, format version, limits, validation.
+//! - [`persist`]: writing and reading image directories.
+
+pub mod format;
+pub mod persist;

@@ -1,0 +1,524 @@
+//! Restore (DESIGN "Migration" step 5): rebuild a process from an image
+//! directory by driving a stub with ptrace, in the caller's namespaces.
+//!
+//! Order: read and verify the image; check this node can take it (vDSO,
+//! CPU, files); fork the stub (old PID when free) and empty it; place the
+//! vDSO; map memory and write pages; mm fields; descriptors, cwd, locks;
+//! signal handlers; threads; umask/rlimits; credentials last; pending
+//! signals and registers; run. Any failure kills the stub, so no
+//! half-built process is left, and names its [`Step`].
+//!
+//! - [`inject`]: the [`Target`] trait and the calls it runs.
+//! - [`stub`]: the real target, a ptraced stub process.
+//! - [`mm`], [`files`], [`state`]: the steps.
+
+#[cfg(test)]
+pub mod fake;
+pub mod files;
+pub mod inject;
+pub mod mm;
+pub mod state;
+pub mod stub;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use migfs_proto::image::{Creds, Image, VmaKind};
+
+use crate::error::{RestoreCause, RestoreError, Step};
+use crate::image::persist::{self, PagesReader};
+use crate::sys::{procfs, vdso};
+pub use inject::{Call, CallError, Target, ThreadState};
+
+/// Knobs of a restore.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Fail when the old PID (or a thread id) is taken, instead of using
+    /// another.
+    pub require_pid: bool,
+}
+
+/// A restored process, running.
+#[derive(Clone, Debug)]
+pub struct Restored {
+    /// Its PID here.
+    pub pid: i32,
+    /// Whether that is the PID it had.
+    pub same_pid: bool,
+    /// Bytes of memory written.
+    pub bytes: u64,
+    /// Time spent reading the image and checking files.
+    pub prepare: Duration,
+    /// Time spent writing memory.
+    pub memory: Duration,
+    /// The whole restore.
+    pub total: Duration,
+}
+
+/// Rebuilds the process whose image is in `dir` and lets it run.
+#[tracing::instrument(skip_all, fields(dir = %dir.display()))]
+pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+    let t0 = Instant::now();
+    let persist::ImageDir { image, pages } = persist::read_image(dir)
+        .map_err(|e| RestoreError::new(Step::ReadImage, RestoreCause::Image(e)))?;
+    check_vdso(&image)?;
+    let resolved = files::resolve(&image)?;
+    let ours = own_creds()?;
+    let prepare = t0.elapsed();
+    let avoid: Vec<(u64, u64)> = image
+        .mm
+        .iter()
+        .flat_map(|m| &m.vmas)
+        .map(|v| (v.start, v.end))
+        .collect();
+    let old = image.process.as_ref().map_or(0, |p| p.pid);
+    let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid)?;
+    match rebuild(&mut stub, &image, &resolved, &pages, opts, &ours) {
+        Ok(stats) => {
+            let pid = stub.release().map_err(|e| {
+                RestoreError::new(Step::Resume, files::cause("let it run".into(), e))
+            })?;
+            let total = t0.elapsed();
+            tracing::info!(pid, old, ?total, "restored");
+            Ok(Restored {
+                pid,
+                same_pid: pid == old,
+                bytes: stats.bytes,
+                prepare,
+                memory: stats.memory,
+                total,
+            })
+        }
+        Err(e) => {
+            stub.kill();
+            Err(e)
+        }
+    }
+}
+
+/// What [`rebuild`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RebuildStats {
+    /// Bytes of memory written.
+    pub bytes: u64,
+    /// Time spent mapping and writing memory.
+    pub memory: Duration,
+}
+
+/// Runs every restore step against `t`, in order.
+pub fn rebuild<T: Target>(
+    t: &mut T,
+    img: &Image,
+    r: &files::Resolved,
+    pages: &PagesReader,
+    opts: &RestoreOptions,
+    ours: &Creds,
+) -> Result<RebuildStats, RestoreError> {
+    check_cpu(t, img)?;
+    mm::place_vdso(t, img)?;
+    let t0 = Instant::now();
+    mm::map_memory(t, img, r)?;
+    let bytes = mm::write_memory(t, img, pages)?;
+    mm::seal_memory(t, img)?;
+    let memory = t0.elapsed();
+    mm::mm_fields(t, img, r)?;
+    files::open_fds(t, img, r)?;
+    files::take_locks(t, img, r)?;
+    state::sigactions(t, img)?;
+    let tids = state::threads(t, img, opts.require_pid)?;
+    state::process_state(t, img)?;
+    state::credentials(t, img, ours)?;
+    state::resume(t, img, &tids)?;
+    Ok(RebuildStats { bytes, memory })
+}
+
+fn refused(step: Step, why: String) -> RestoreError {
+    RestoreError::new(step, RestoreCause::Refused(why))
+}
+
+/// This node's vDSO must be the one the process was using.
+fn check_vdso(img: &Image) -> Result<(), RestoreError> {
+    let Some(m) = &img.mm else { return Ok(()) };
+    let parts: Vec<_> = m
+        .vmas
+        .iter()
+        .filter(|v| v.kind == VmaKind::VmaVdsoBlock as i32)
+        .collect();
+    let Some(first) = parts.first() else {
+        return Ok(());
+    };
+    let me = nix::unistd::getpid();
+    let maps = procfs::maps(me).map_err(|source| {
+        RestoreError::new(
+            Step::CheckTarget,
+            RestoreCause::Io {
+                what: "own maps".into(),
+                source,
+            },
+        )
+    })?;
+    let ours = vdso::find(&maps)
+        .ok_or_else(|| refused(Step::CheckTarget, "this node has no vDSO".into()))?;
+    let want: Vec<(String, u64, u64)> = parts
+        .iter()
+        .map(|v| (v.name.clone(), v.start - first.start, v.end - first.start))
+        .collect();
+    if ours.parts != want {
+        return Err(refused(
+            Step::CheckTarget,
+            format!(
+                "the vDSO block here is {:?}, the image's is {want:?}",
+                ours.parts
+            ),
+        ));
+    }
+    let hash = vdso::text_hash(me, &ours).map_err(|source| {
+        RestoreError::new(
+            Step::CheckTarget,
+            RestoreCause::Io {
+                what: "own vDSO".into(),
+                source,
+            },
+        )
+    })?;
+    if hash[..] != m.vdso_blake3[..] {
+        return Err(refused(
+            Step::CheckTarget,
+            "the vDSO here differs from the checkpointed one (another kernel?)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The CPU must lay out xsave state as the image's does.
+fn check_cpu<T: Target>(t: &mut T, img: &Image) -> Result<(), RestoreError> {
+    let Some(cpu) = &img.cpu else { return Ok(()) };
+    let (feat, size) = t.xsave_layout().map_err(|e| {
+        RestoreError::new(Step::CheckTarget, files::cause("xsave layout".into(), e))
+    })?;
+    if feat != cpu.xfeatures || size != cpu.xsave_size as usize {
+        return Err(refused(
+            Step::CheckTarget,
+            format!(
+                "this CPU's xsave state (features {feat:#x}, {size} bytes) differs from the image's ({:#x}, {} bytes)",
+                cpu.xfeatures, cpu.xsave_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn own_creds() -> Result<Creds, RestoreError> {
+    let st = procfs::status("self").map_err(|source| {
+        RestoreError::new(
+            Step::CheckTarget,
+            RestoreCause::Io {
+                what: "own status".into(),
+                source,
+            },
+        )
+    })?;
+    Ok(crate::capture::process::creds_of(&st))
+}
+
+#[cfg(test)]
+mod tests {
+    use migfs_proto::image::{
+        Creds, Fd, FileLock, FileRef, MemoryMap, PendingSignal, Process, SigAction, Thread, Vma,
+        VmaKind,
+    };
+    use nix::errno::Errno;
+
+    use super::fake::Fake;
+    use super::*;
+    use crate::image::format::FORMAT_VERSION;
+    use crate::image::persist::{PagesWriter, read_image, write_image};
+    use crate::sys::vdso::VdsoBlock;
+
+    const VVAR: u64 = 0x7fff_0000_0000;
+
+    fn thread(tid: i32) -> Thread {
+        Thread {
+            tid,
+            comm: "t".into(),
+            regs: vec![0; 27],
+            xsave: vec![0; 1024],
+            robust_list_len: 24,
+            ..Default::default()
+        }
+    }
+
+    /// An image of a two-thread process with one anonymous mapping holding
+    /// a page, a file mapping, the vDSO, two descriptors, a lock, a
+    /// handler, a pending signal and other credentials; read back from disk.
+    fn image(dir: &Path) -> persist::ImageDir {
+        let mut w = PagesWriter::create(dir).unwrap();
+        let page = vec![1u8; 4096];
+        let seg = w
+            .segment(0x10000, &page, *blake3::hash(&page).as_bytes())
+            .unwrap();
+        let file = FileRef {
+            path: "/lib/x.so".into(),
+            mode: libc::S_IFREG,
+            ..Default::default()
+        };
+        let vma = |start, end, kind: VmaKind, name: &str| Vma {
+            start,
+            end,
+            prot: 3,
+            kind: kind as i32,
+            name: name.into(),
+            ..Default::default()
+        };
+        let img = Image {
+            format_version: FORMAT_VERSION,
+            arch: std::env::consts::ARCH.into(),
+            process: Some(Process {
+                pid: 4242,
+                umask: 0o27,
+                creds: Some(Creds {
+                    uids: vec![1000; 4],
+                    gids: vec![1000; 4],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            threads: vec![thread(4242), thread(4243)],
+            mm: Some(MemoryMap {
+                page_size: 4096,
+                vmas: vec![
+                    vma(0x10000, 0x12000, VmaKind::VmaAnon, ""),
+                    Vma {
+                        file: Some(file.clone()),
+                        prot: 5,
+                        ..vma(0x20000, 0x21000, VmaKind::VmaFile, "/lib/x.so")
+                    },
+                    vma(VVAR, VVAR + 0x4000, VmaKind::VmaVdsoBlock, "[vvar]"),
+                    vma(
+                        VVAR + 0x4000,
+                        VVAR + 0x6000,
+                        VmaKind::VmaVdsoBlock,
+                        "[vdso]",
+                    ),
+                ],
+                segments: vec![seg],
+                ..Default::default()
+            }),
+            fds: vec![
+                Fd {
+                    fd: 3,
+                    flags: 2,
+                    file: Some(FileRef {
+                        path: "/data/a".into(),
+                        ..Default::default()
+                    }),
+                    dup_of: -1,
+                    pos: 9,
+                    ..Default::default()
+                },
+                Fd {
+                    fd: 5,
+                    flags: 2,
+                    file: Some(FileRef {
+                        path: "/data/a".into(),
+                        ..Default::default()
+                    }),
+                    dup_of: 3,
+                    ..Default::default()
+                },
+            ],
+            locks: vec![FileLock {
+                fd: 3,
+                write: true,
+                start: 0,
+                len: 10,
+                ..Default::default()
+            }],
+            sigactions: vec![SigAction {
+                signo: 10,
+                handler: 0x4000,
+                ..Default::default()
+            }],
+            shared_pending: vec![PendingSignal {
+                signo: 12,
+                siginfo: vec![0; 128],
+            }],
+            pages_size: w.size(),
+            ..Default::default()
+        };
+        drop(w);
+        write_image(dir, &img).unwrap();
+        read_image(dir).unwrap()
+    }
+
+    fn fake() -> Fake {
+        let mut f = Fake::new();
+        f.vdso = Some(VdsoBlock {
+            start: VVAR,
+            end: VVAR + 0x6000,
+            vdso_start: VVAR + 0x4000,
+            vdso_end: VVAR + 0x6000,
+            parts: vec![
+                ("[vvar]".into(), 0, 0x4000),
+                ("[vdso]".into(), 0x4000, 0x6000),
+            ],
+        });
+        f
+    }
+
+    fn run(f: &mut Fake, dir: &Path) -> Result<RebuildStats, RestoreError> {
+        let d = image(dir);
+        let ours = Creds {
+            uids: vec![0; 4],
+            gids: vec![0; 4],
+            ..Default::default()
+        };
+        rebuild(
+            f,
+            &d.image,
+            &files::Resolved::default(),
+            &d.pages,
+            &RestoreOptions::default(),
+            &ours,
+        )
+    }
+
+    #[test]
+    fn steps_run_in_order_at_the_image_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = fake();
+        let stats = run(&mut f, dir.path()).unwrap();
+        assert_eq!(stats.bytes, 4096);
+        let at = |needle: &str| {
+            f.find(needle)
+                .unwrap_or_else(|| panic!("no {needle} in {:#?}", f.log))
+        };
+        assert!(at("MapVdso { addr: 140733193388032 }") < at("Mmap { addr: 65536"));
+        assert!(
+            at("Mmap { addr: 65536, len: 8192, prot: 3")
+                < at("WriteMemory { addr: 65536, len: 4096 }")
+        );
+        assert!(
+            at("Open { path: \"/lib/x.so\"")
+                < at("Mmap { addr: 131072, len: 4096, prot: 5, flags: 18")
+        );
+        assert!(at("WriteMemory") < at("SetMmMap"));
+        assert!(at("SetMmMap") < at("CloseRange { first: 0 }"));
+        assert!(at("CloseRange { first: 0 }") < at("Open { path: \"/data/a\", flags: 2 }"));
+        assert!(at("Lseek { fd: 3, offset: 9 }") < at("Dup3 { old: 3, new: 5, cloexec: false }"));
+        assert!(
+            at("Dup3 { old: 3, new: 5")
+                < at("SetLock { fd: 3, ofd: false, write: true, start: 0, len: 10 }")
+        );
+        assert_eq!(f.log.iter().filter(|l| l.contains("SigAction")).count(), 62);
+        assert!(
+            f.log
+                .iter()
+                .any(|l| l.contains("SigAction { signo: 10, handler: 16384"))
+        );
+        assert!(at("NewThread { tid: 4243") < at("1 SetTidAddress"));
+        assert!(at("1 SigAltStack").max(at("1 SetName")) < at("Umask { mask: 23 }"));
+        // Credentials come last, uid after gid, then only the resume.
+        let uid = at("SetResUid { ids: [1000, 1000, 1000] }");
+        assert!(at("SetGroups") < at("SetResGid") && at("SetResGid") < uid);
+        assert!(
+            f.log[uid + 1..]
+                .iter()
+                .all(|l| l.contains("Capset") || l.contains("Queue") || l.contains("Finish")),
+            "{:#?}",
+            &f.log[uid..]
+        );
+        assert!(at("Queue { tgid: 4242, tid: 0, signo: 12") < at("Finish { threads: 2 }"));
+        assert_eq!(f.log.last().unwrap(), "0 Finish { threads: 2 }");
+    }
+
+    #[test]
+    fn a_failing_call_names_its_step() {
+        for (prefix, step, says) in [
+            ("MapVdso", "place vdso", "arch_prctl(ARCH_MAP_VDSO_64"),
+            (
+                "Mmap { addr: 131072",
+                "map memory",
+                "map 20000-21000 /lib/x.so",
+            ),
+            ("WriteMemory", "write memory", "write 0x10000 (+0x1000)"),
+            ("SetMmMap", "mm fields", "prctl(PR_SET_MM_MAP)"),
+            (
+                "Open { path: \"/data/a\"",
+                "open files",
+                "fd 3: open /data/a",
+            ),
+            (
+                "SetLock",
+                "take locks",
+                "fd 3: LOCK_POSIX write lock on /data/a (bytes 0+10)",
+            ),
+            (
+                "SigAction { signo: 10",
+                "signal handlers",
+                "rt_sigaction(10)",
+            ),
+            ("Rseq", "threads", "thread"),
+            ("Prlimit", "process state", "rlimit"),
+            ("SetResUid", "credentials", "setresuid"),
+            ("Finish", "resume", "load registers"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut f = fake();
+            f.log.clear();
+            f.fail = Some((prefix.to_owned(), Errno::EAGAIN));
+            let mut img_dir = image(dir.path());
+            if prefix == "Rseq" || prefix == "Prlimit" {
+                img_dir.image.threads[0].rseq = Some(Default::default());
+                img_dir.image.process.as_mut().unwrap().rlimits = vec![Default::default()];
+            }
+            let ours = Creds::default();
+            let e = rebuild(
+                &mut f,
+                &img_dir.image,
+                &files::Resolved::default(),
+                &img_dir.pages,
+                &RestoreOptions::default(),
+                &ours,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with(&format!("restore failed at step \"{step}\": ")),
+                "{prefix}: {e}"
+            );
+            assert!(e.contains(says) && e.contains("EAGAIN"), "{prefix}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_vdso_landing_elsewhere_or_another_cpu_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = fake();
+        f.vdso.as_mut().unwrap().start += 0x1000;
+        let e = run(&mut f, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("\"place vdso\"") && e.contains("landed at"),
+            "{e}"
+        );
+        let mut f = fake();
+        f.xsave = (7, 4096);
+        let d = image(dir.path());
+        let mut img = d.image.clone();
+        img.cpu = Some(migfs_proto::image::Cpu {
+            xfeatures: 7,
+            xsave_size: 2048,
+        });
+        let e = rebuild(
+            &mut f,
+            &img,
+            &files::Resolved::default(),
+            &d.pages,
+            &RestoreOptions::default(),
+            &Creds::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"check target\"") && e.contains("xsave"), "{e}");
+    }
+}

@@ -1,0 +1,37 @@
+//! The wire protocol of migfs: generated tonic/prost code for the metadata
+//! and block services, identity newtypes, errno transport and the cluster
+//! secret check every inter-node call carries.
+//!
+//! # Layout
+//! - [`meta`]: the metadata service (namespace, block maps, sessions, locks).
+//! - [`block`]: the block service each node serves from its block store.
+//! - [`image`]: the checkpoint image of a process (`migfs checkpoint`).
+//! - [`ids`]: `Ino`, `NodeId`, `SessionId`, `BlockHash`.
+//! - [`errno`]: carrying a POSIX errno inside a `tonic::Status`.
+//! - [`auth`]: the cluster secret, presented on every call and checked.
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod errno;
+pub mod ids;
+
+/// The metadata service, `migfs.meta.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod meta {
+    tonic::include_proto!("migfs.meta.v1");
+}
+
+/// The block service, `migfs.block.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod block {
+    tonic::include_proto!("migfs.block.v1");
+}
+
+/// The checkpoint image format, `migfs.image.v1` (docs/image-format.md).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod image {
+    tonic::include_proto!("migfs.image.v1");
+}
+
+/// Largest gRPC message either side accepts (block batches, block maps).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -1,0 +1,1341 @@
+//! `migfs checkpoint` / `migfs restore` of unmodified processes: small C
+//! programs built with gcc here (dynamic and static) and python3, frozen,
+//! written to an image, ended, rebuilt, and checked to continue exactly
+//! where they stopped. Also `--check` refusals and failing restores.
+//!
+//! Needs root with CAP_SYS_PTRACE and CAP_CHECKPOINT_RESTORE (or
+//! CAP_SYS_ADMIN) and gcc: otherwise SKIP, or fail when
+//! MIGFS_REQUIRE_PRIV=1. Every process a test starts is owned by a guard
+//! that kills it, also when the test panics.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use migfs_e2e::harness::{migfs_bin, output_text};
+
+// ---------------------------------------------------------------- probe
+
+fn probe() -> Result<(), String> {
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    if field("Uid").split_whitespace().nth(1) != Some("0") {
+        return Err("needs root".into());
+    }
+    let caps = u64::from_str_radix(&field("CapEff"), 16).unwrap_or(0);
+    if caps & (1 << 19) == 0 {
+        return Err("needs CAP_SYS_PTRACE".into());
+    }
+    if caps & (1 << 40) == 0 && caps & (1 << 21) == 0 {
+        return Err(
+            "needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN (clone3 set_tid, PR_SET_MM_MAP)".into(),
+        );
+    }
+    if fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").is_ok_and(|s| s.trim() == "3") {
+        return Err("ptrace is disabled (yama ptrace_scope 3)".into());
+    }
+    match Command::new("gcc").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => Err("needs gcc to build the test programs".into()),
+    }
+}
+
+/// Whether checkpoint tests can run; see the module doc.
+fn require_ptrace() -> bool {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    match PROBE.get_or_init(probe) {
+        Ok(()) => true,
+        Err(why) if std::env::var("MIGFS_REQUIRE_PRIV").as_deref() == Ok("1") => {
+            panic!("MIGFS_REQUIRE_PRIV=1 but checkpoint tests cannot run: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            false
+        }
+    }
+}
+
+// ------------------------------------------------------------- programs
+
+/// Builds `tests/progs/<name>.c` once per test binary (`-static` when
+/// `static_`); returns the binary.
+fn prog(name: &str, static_: bool) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = DIR.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("migfs-ckpt-progs-")
+            .tempdir()
+            .expect("temp dir")
+    });
+    let out = dir.path().join(if static_ {
+        format!("{name}-static")
+    } else {
+        name.to_owned()
+    });
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !out.exists() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("progs")
+            .join(format!("{name}.c"));
+        let mut cmd = Command::new("gcc");
+        cmd.args(["-O1", "-Wall", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&src);
+        if static_ {
+            cmd.arg("-static");
+        }
+        let o = cmd.output().expect("run gcc");
+        assert!(
+            o.status.success(),
+            "gcc {}:\n{}",
+            src.display(),
+            output_text(&o)
+        );
+    }
+    out
+}
+
+fn spawner() -> PathBuf {
+    prog("ckpt_spawn", false)
+}
+
+// --------------------------------------------------------------- guards
+
+/// A process under test: killed (and reaped) on drop.
+struct Proc {
+    pid: i32,
+    /// Our child, when we started it directly.
+    child: Option<Child>,
+    /// The `ckpt_spawn reap` that adopted it, when `migfs restore` started it.
+    reaper: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `argv` with stdio on /dev/null and no other descriptors.
+    fn start(argv: &[&str]) -> Proc {
+        let child = Command::new(spawner())
+            .arg("exec")
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start test program");
+        Proc {
+            pid: i32::try_from(child.id()).unwrap(),
+            child: Some(child),
+            reaper: None,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.trim_start().chars().next())
+            })
+            .is_some_and(|c| c != 'Z' && c != 'X')
+    }
+
+    /// Reaps our child after a checkpoint ended it; returns how it ended.
+    fn reap_child(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("a child to reap");
+        c.wait().expect("wait for the checkpointed child")
+    }
+
+    fn fdinfo(&self, fd: i32) -> String {
+        fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", self.pid)).unwrap_or_default()
+    }
+
+    fn status_field(&self, key: &str) -> String {
+        let st = fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        st.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+        for c in [self.child.as_mut(), self.reaper.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// -------------------------------------------------------------- helpers
+
+fn migfs(args: &[&str]) -> Output {
+    Command::new(spawner())
+        .arg("exec")
+        .arg(migfs_bin())
+        .args(args)
+        .output()
+        .expect("run migfs")
+}
+
+/// `migfs checkpoint PID --to DIR` (+ extra args); panics unless it works.
+fn checkpoint(p: &Proc, dir: &Path, extra: &[&str]) -> String {
+    let pid = p.pid.to_string();
+    let mut args = vec!["checkpoint", pid.as_str(), "--to", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = migfs(&args);
+    assert!(
+        o.status.success(),
+        "migfs checkpoint {pid}\n{}",
+        output_text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `migfs restore --from DIR` (+ extra args) under a reaper (a child
+/// subreaper that adopts what `migfs restore` leaves running); the output,
+/// and the restored process when it worked. When it failed, the reaper
+/// must end within 10 s: it only ends once no process `migfs restore`
+/// started is left, so a half-built process fails the test.
+fn try_restore(dir: &Path, extra: &[&str]) -> (Output, Option<Proc>) {
+    let mut reaper = Command::new(spawner())
+        .arg("reap")
+        .arg(migfs_bin())
+        .args(["restore", "--from", dir.to_str().unwrap()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run migfs restore");
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    reaper
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    reaper
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let out = |status| Output {
+        status,
+        stdout: stdout.clone().into_bytes(),
+        stderr: stderr.clone().into_bytes(),
+    };
+    if let Ok(pid) = stdout.trim().parse::<i32>() {
+        let ok = Command::new("true").status().unwrap();
+        return (
+            out(ok),
+            Some(Proc {
+                pid,
+                child: None,
+                reaper: Some(reaper),
+            }),
+        );
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = reaper.try_wait().unwrap() {
+            return (out(st), None);
+        }
+        if Instant::now() > end {
+            let _ = reaper.kill();
+            panic!("a failed restore left a process behind\n{stdout}{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A restore that must fail at `step` saying `says`; nothing may be left.
+fn restore_fails(dir: &Path, extra: &[&str], step: &str, says: &str) {
+    let (o, p) = try_restore(dir, extra);
+    assert!(
+        p.is_none(),
+        "restore should have failed\n{}",
+        output_text(&o)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{}", output_text(&o));
+    assert!(
+        err.contains(&format!("restore failed at step \"{step}\"")),
+        "wrong step, wanted {step}:\n{err}"
+    );
+    assert!(
+        err.contains(says),
+        "the message should say {says:?}:\n{err}"
+    );
+}
+
+fn restore(dir: &Path, extra: &[&str]) -> Proc {
+    let (o, p) = try_restore(dir, extra);
+    p.unwrap_or_else(|| {
+        panic!(
+            "migfs restore --from {}\n{}",
+            dir.display(),
+            output_text(&o)
+        )
+    })
+}
+
+fn numbers(path: &Path) -> Vec<u64> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+/// Waits up to `ms` for `cond`.
+fn within(ms: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+fn wait_lines(path: &Path, n: usize, ms: u64) {
+    assert!(
+        within(ms, || numbers(path).len() >= n),
+        "{} has {} lines, wanted {n}",
+        path.display(),
+        numbers(path).len()
+    );
+}
+
+fn assert_sequence(path: &Path) {
+    let v = numbers(path);
+    for (i, &x) in v.iter().enumerate() {
+        assert_eq!(
+            x,
+            i as u64,
+            "{}: line {i} is {x} (gap or duplicate); around: {:?}",
+            path.display(),
+            &v[i.saturating_sub(3)..(i + 3).min(v.len())]
+        );
+    }
+}
+
+fn fdinfo_field(info: &str, key: &str) -> String {
+    info.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+// ---------------------------------------------------------------- tests
+
+/// The counter continues with no gap and no duplicate, same PID, same fd
+/// number, flags and offset.
+fn counter_round_trip(static_: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("count.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_counter", static_);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "ckpt-counter"]);
+    wait_lines(&out, 20, 5000);
+    let flags_before = fdinfo_field(&p.fdinfo(7), "flags");
+    checkpoint(&p, &img, &[]);
+    let st = p.reap_child();
+    assert_eq!(
+        st.code(),
+        None,
+        "the original should have been killed: {st:?}"
+    );
+    let n = numbers(&out).len();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        numbers(&out).len(),
+        n,
+        "the original still writes after the checkpoint"
+    );
+    let r = restore(&img, &[]);
+    assert_eq!(r.pid, p.pid, "the PID should be kept when free");
+    wait_lines(&out, n + 20, 5000);
+    let info = r.fdinfo(7);
+    assert_eq!(
+        fdinfo_field(&info, "flags"),
+        flags_before,
+        "fd 7 flags differ: {info}"
+    );
+    assert_eq!(
+        fdinfo_field(&info, "flags"),
+        "02102001",
+        "O_WRONLY|O_APPEND|O_CLOEXEC|O_LARGEFILE expected"
+    );
+    assert_eq!(r.status_field("Name"), "ckpt-counter");
+    drop(r);
+    assert_sequence(&out);
+    let pos: u64 = fdinfo_field(&info, "pos").parse().unwrap();
+    assert!(pos > 0 && pos <= fs::metadata(&out).unwrap().len());
+}
+
+#[test]
+fn dynamic_counter_continues_with_same_pid_fd_and_offset() {
+    if !require_ptrace() {
+        return;
+    }
+    counter_round_trip(false);
+}
+
+#[test]
+fn static_counter_continues_with_same_pid_fd_and_offset() {
+    if !require_ptrace() {
+        return;
+    }
+    counter_round_trip(true);
+}
+
+#[test]
+fn check_names_sockets_and_pipes_and_checkpoint_refuses() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("beat.txt");
+    let bin = prog("ckpt_sockets", false);
+    let p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    wait_lines(&out, 5, 5000);
+    let pid = p.pid.to_string();
+    let o = migfs(&["checkpoint", "--check", &pid]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(3), "{}", output_text(&o));
+    assert!(
+        text.contains(&format!("pid {pid} cannot be moved")),
+        "{text}"
+    );
+    assert!(text.contains(": pipe pipe:["), "{text}");
+    assert!(text.contains(": TCP listening socket 127.0.0.1:"), "{text}");
+    let connected = text
+        .lines()
+        .filter(|l| l.contains(": TCP socket 127.0.0.1:") && l.contains(" -> 127.0.0.1:"))
+        .count();
+    assert_eq!(
+        connected, 2,
+        "both ends of the connection should be named: {text}"
+    );
+    let img = dir.path().join("img");
+    let o = migfs(&["checkpoint", &pid, "--to", img.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("cannot be moved")
+            && err.contains("TCP listening socket"),
+        "{}",
+        output_text(&o)
+    );
+    assert!(!img.join("image.pb").exists(), "no image may be written");
+    let n = numbers(&out).len();
+    wait_lines(&out, n + 10, 5000);
+    assert!(p.alive());
+}
+
+#[test]
+fn check_names_a_ptraced_thread() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("count.txt");
+    let bin = prog("ckpt_counter", false);
+    let p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    wait_lines(&out, 3, 5000);
+    let mut tracer = Command::new(spawner())
+        .args([
+            "exec",
+            prog("ckpt_tracer", false).to_str().unwrap(),
+            &p.pid.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tracer_pid = tracer.id();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(tracer.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let o = migfs(&["checkpoint", "--check", &p.pid.to_string()]);
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains(&format!("thread {} is ptraced by {tracer_pid}", p.pid)),
+        "{}",
+        output_text(&o)
+    );
+    assert_eq!(o.status.code(), Some(3));
+}
+
+#[test]
+fn signal_handler_counts_and_blocked_signal_stays_blocked_and_pending() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sig.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_signals", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    let last = |path: &Path| {
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let kill = |sig: &str, pid: i32| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    wait_lines_text(&out, 2);
+    // One at a time: a second SIGUSR1 sent before the first is handled
+    // would merge with it.
+    for c in 1..=3 {
+        kill("-USR1", p.pid);
+        assert!(
+            within(3000, || last(&out).starts_with(&format!("c={c} "))),
+            "{}",
+            last(&out)
+        );
+    }
+    kill("-USR2", p.pid);
+    assert!(
+        within(3000, || last(&out) == "c=3 blocked=1 pending=1"),
+        "{}",
+        last(&out)
+    );
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let r = restore(&img, &[]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        last(&out),
+        "c=3 blocked=1 pending=1",
+        "mask or pending signal lost"
+    );
+    for c in 4..=5 {
+        kill("-USR1", r.pid);
+        assert!(
+            within(3000, || last(&out) == format!("c={c} blocked=1 pending=1")),
+            "the handler does not count: {}",
+            last(&out)
+        );
+    }
+    assert_eq!(r.status_field("SigBlk"), "0000000000000800");
+    assert_eq!(r.status_field("SigCgt"), "0000000000000200");
+}
+
+/// Freezes `ckpt_blocking MODE ARG` inside its call, restores it, runs
+/// `after` (e.g. to release a lock) and returns its report line.
+fn blocked_call(mode: &str, arg: &str, after: impl FnOnce()) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("call.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_blocking", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), mode, arg]);
+    assert!(within(5000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .starts_with("start")));
+    std::thread::sleep(Duration::from_millis(300));
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    std::thread::sleep(Duration::from_millis(300));
+    let _r = restore(&img, &[]);
+    after();
+    assert!(
+        within(10_000, || fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("rc=")),
+        "{mode}: the call did not return"
+    );
+    fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("rc="))
+        .unwrap()
+        .to_owned()
+}
+
+fn report(line: &str) -> (i64, i64, i64) {
+    let v: Vec<i64> = line
+        .split_whitespace()
+        .map(|f| f.split_once('=').unwrap().1.parse().unwrap())
+        .collect();
+    (v[0], v[1], v[2])
+}
+
+#[test]
+fn nanosleep_frozen_inside_the_call_resumes_for_the_remaining_time() {
+    if !require_ptrace() {
+        return;
+    }
+    let (rc, errno, ms) = report(&blocked_call("nanosleep", "2000", || {}));
+    assert_eq!((rc, errno), (0, 0), "nanosleep must not fail with EINTR");
+    assert!(ms >= 2000, "slept only {ms} ms");
+    assert!(
+        ms < 3500,
+        "slept {ms} ms: it should go on with the remaining time, not start again"
+    );
+}
+
+#[test]
+fn poll_with_a_timeout_frozen_inside_the_call_is_restarted() {
+    if !require_ptrace() {
+        return;
+    }
+    let (rc, errno, ms) = report(&blocked_call("poll", "1500", || {}));
+    assert_eq!(
+        (rc, errno),
+        (0, 0),
+        "poll must time out normally, not fail with EINTR"
+    );
+    assert!(ms >= 1500, "polled only {ms} ms");
+}
+
+#[test]
+fn lock_wait_frozen_inside_fcntl_setlkw_is_restarted() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("lock");
+    fs::write(&lock, b"x").unwrap();
+    let bin = prog("ckpt_blocking", false);
+    let hout = dir.path().join("holder.txt");
+    let holder = Proc::start(&[
+        bin.to_str().unwrap(),
+        hout.to_str().unwrap(),
+        "hold",
+        lock.to_str().unwrap(),
+    ]);
+    assert!(within(5000, || fs::read_to_string(&hout)
+        .unwrap_or_default()
+        .contains("rc=0")));
+    let line = blocked_call("setlkw", lock.to_str().unwrap(), || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(holder);
+    });
+    let (rc, errno, _) = report(&line);
+    assert_eq!(
+        (rc, errno),
+        (0, 0),
+        "F_SETLKW must get the lock, not fail with EINTR"
+    );
+}
+
+#[test]
+fn reads_of_a_file_around_the_checkpoint_are_never_short_or_interrupted() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.bin");
+    fs::write(
+        &data,
+        (0..32u32 << 20)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let (rc, errno, _) = report(&blocked_call("read", data.to_str().unwrap(), || {}));
+    assert!(
+        rc > 0 && errno == 0,
+        "a read failed or came back short: rc={rc} errno={errno}"
+    );
+}
+
+#[test]
+fn vdso_clocks_keep_working_at_the_same_address() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clock.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_clock", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    wait_lines_text(&out, 10);
+    let vdso = |pid: i32| {
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        maps.lines()
+            .filter(|l| l.contains("[vdso]") || l.contains("[vvar"))
+            .map(|l| l.split(' ').next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let before = vdso(p.pid);
+    assert!(before.len() >= 2, "{before:?}");
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let n = fs::read_to_string(&out).unwrap().lines().count();
+    let r = restore(&img, &[]);
+    wait_lines_text(&out, n + 20);
+    assert_eq!(vdso(r.pid), before, "the vDSO block moved");
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(
+        !text.contains("BAD"),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("BAD"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+fn wait_lines_text(path: &Path, n: usize) {
+    assert!(
+        within(5000, || fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= n),
+        "{} has too few lines",
+        path.display()
+    );
+}
+
+#[test]
+fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_created() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("threads.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_threads", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    wait_lines_text(&out, 60);
+    let tids = |pid: i32| crate_tids(pid);
+    // main and the 4 workers: the 5 lowest ids (short-lived threads come
+    // and go).
+    let mut before = tids(p.pid);
+    assert!(before.len() >= 5, "{before:?}");
+    before.truncate(5);
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let text = fs::read_to_string(&out).unwrap();
+    let last_count = |text: &str, k: u32| -> u64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("t{k} ")))
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let counts: Vec<u64> = (0..4).map(|k| last_count(&text, k)).collect();
+    let r = restore(&img, &[]);
+    let after = tids(r.pid);
+    assert!(
+        before.iter().all(|t| after.contains(t)),
+        "thread ids differ: {before:?} then {after:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    fs::write(dir.path().join("threads.txt.stop"), b"").unwrap();
+    assert!(
+        within(5000, || fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("joined t0")),
+        "t0 could not be joined"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let after = fs::read_to_string(&out).unwrap();
+    let new_part = &after[text.len()..];
+    for k in 0..4u32 {
+        let first = new_part
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("t{k} ")))
+            .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+            .next();
+        assert_eq!(
+            first,
+            Some(counts[k as usize] + 1),
+            "thread {k}'s TLS counter did not continue"
+        );
+    }
+    for bad in ["rseq=0", "robust=0", "FAILED", "alt=0"] {
+        assert!(
+            !after.contains(bad),
+            "{bad} after restore:\n{}",
+            after
+                .lines()
+                .filter(|l| l.contains(bad))
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    assert!(
+        new_part
+            .lines()
+            .filter(|l| l.starts_with("spawn ") && l.contains(" ok"))
+            .count()
+            >= 3,
+        "no new threads were created"
+    );
+}
+
+fn crate_tids(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn shared_writable_mapping_of_a_file_stays_shared() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("shared.bin");
+    let log = dir.path().join("log.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_shmap", false);
+    let mut p = Proc::start(&[
+        bin.to_str().unwrap(),
+        map.to_str().unwrap(),
+        log.to_str().unwrap(),
+    ]);
+    wait_lines(&log, 20, 5000);
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let n = numbers(&log).len();
+    let r = restore(&img, &[]);
+    wait_lines(&log, n + 20, 5000);
+    let maps = fs::read_to_string(format!("/proc/{}/maps", r.pid)).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.contains(" rw-s ") && l.ends_with(map.to_str().unwrap())),
+        "{maps}"
+    );
+    drop(r);
+    // The log counts 1, 2, 3, ...: numbers() are line values, not indices.
+    let v = numbers(&log);
+    for (i, &x) in v.iter().enumerate() {
+        assert_eq!(
+            x,
+            i as u64 + 1,
+            "the counter in the shared page jumped at line {i}"
+        );
+    }
+    let word = fs::read(&map).unwrap();
+    let in_file = u64::from_ne_bytes(word[..8].try_into().unwrap());
+    assert_eq!(
+        in_file,
+        *v.last().unwrap(),
+        "the file does not see the writes through the mapping"
+    );
+}
+
+#[test]
+fn one_gib_of_patterned_memory_is_intact_after_restore() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("big.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_bigmem", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "1024"]);
+    assert!(within(60_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let r = restore(&img, &[]);
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &r.pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        within(60_000, || fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("verified")),
+        "no verification"
+    );
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains("verified ok"),
+        "{}",
+        text.lines()
+            .filter(|l| l.starts_with("verified"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn python3_with_a_million_entry_dict_finishes_with_the_right_result() {
+    if !require_ptrace() {
+        return;
+    }
+    let Ok(o) = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+    else {
+        panic!("python3 is needed for this test");
+    };
+    let python = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("work.py");
+    fs::write(
+        &script,
+        "import sys, time\nout = open(sys.argv[1], 'a', buffering=1)\nd = {i: i * i for i in range(1_000_000)}\nout.write('built\\n')\n\
+         for step in range(100):\n    time.sleep(0.01)\n    out.write(f'step {step}\\n')\nout.write(f'result {sum(d.values()) % 1000003}\\n')\n",
+    )
+    .unwrap();
+    let out = dir.path().join("py.txt");
+    let img = dir.path().join("img");
+    let mut p = Proc::start(&[&python, script.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(
+        within(60_000, || fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("step 20")),
+        "python did not start"
+    );
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    assert!(
+        !fs::read_to_string(&out).unwrap().contains("result"),
+        "finished before the checkpoint"
+    );
+    let _r = restore(&img, &[]);
+    assert!(
+        within(30_000, || fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("result")),
+        "python did not finish"
+    );
+    let want = (0..1_000_000u64).map(|i| i * i).sum::<u64>() % 1_000_003;
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(text.contains(&format!("result {want}\n")), "{text}");
+    let steps: Vec<&str> = text.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 100, "steps lost or repeated");
+}
+
+#[test]
+fn cwd_umask_rlimits_name_descriptors_and_locks_come_back() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let wd = d.join("wd");
+    fs::create_dir(&wd).unwrap();
+    fs::write(d.join("data"), b"0123456789abcdef").unwrap();
+    fs::write(d.join("lk"), b"").unwrap();
+    fs::write(d.join("fl"), b"").unwrap();
+    let out = d.join("out.txt");
+    let img = d.join("img");
+    let bin = prog("ckpt_state", false);
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let mut p = Proc::start(&[
+        &s(&bin),
+        &s(&out),
+        &s(&wd),
+        &s(&d.join("data")),
+        &s(&d.join("lk")),
+        &s(&d.join("fl")),
+    ]);
+    wait_lines_text(&out, 3);
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let r = restore(&img, &[]);
+    let link = |what: &str| {
+        fs::read_link(format!("/proc/{}/{what}", r.pid))
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(link("cwd"), s(&wd));
+    for (fd, want) in [
+        (9, "/dev/null".to_owned()),
+        (10, s(&wd)),
+        (11, s(&d.join("data"))),
+        (12, s(&d.join("data"))),
+        (13, s(&d.join("lk"))),
+        (14, s(&d.join("fl"))),
+    ] {
+        assert_eq!(link(&format!("fd/{fd}")), want, "fd {fd}");
+    }
+    assert_eq!(r.status_field("Umask"), "0027");
+    assert_eq!(r.status_field("Name"), "ckpt-state");
+    let limits = fs::read_to_string(format!("/proc/{}/limits", r.pid)).unwrap();
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&nofile[3..5], ["777", "4096"]);
+    assert_eq!(fdinfo_field(&r.fdinfo(11), "pos"), "5");
+    assert_eq!(fdinfo_field(&r.fdinfo(13), "flags"), "0100002", "O_RDWR");
+    let locks = fs::read_to_string("/proc/locks").unwrap();
+    let mine: Vec<&str> = locks
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some(&r.pid.to_string()))
+        .collect();
+    assert!(
+        mine.iter()
+            .any(|l| l.contains("POSIX") && l.contains("WRITE") && l.ends_with(" 0 9")),
+        "{mine:?}"
+    );
+    assert!(
+        mine.iter()
+            .any(|l| l.contains("FLOCK") && l.contains("READ")),
+        "{mine:?}"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &r.pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        within(3000, || fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("shared offset 6")),
+        "fds 11 and 12 no longer share their offset"
+    );
+}
+
+// ------------------------------------------------------------- failures
+
+/// A counter checkpointed (and ended) into `dir/img`; returns its output file.
+fn counter_image(dir: &Path) -> (PathBuf, PathBuf, i32) {
+    let out = dir.join("count.txt");
+    let img = dir.join("img");
+    let bin = prog("ckpt_counter", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    wait_lines(&out, 5, 5000);
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    (out, img, p.pid)
+}
+
+#[test]
+fn corrupt_or_truncated_images_fail_at_read_image_and_leave_nothing() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, img, pid) = counter_image(dir.path());
+    let meta = img.join("image.pb");
+    let pages = img.join("pages.img");
+    let good_meta = fs::read(&meta).unwrap();
+    let good_pages = fs::read(&pages).unwrap();
+
+    fs::write(&meta, &good_meta[..good_meta.len() / 2]).unwrap();
+    restore_fails(&img, &[], "read image", "truncated");
+    let mut flipped = good_meta.clone();
+    flipped[100] ^= 0x40;
+    fs::write(&meta, &flipped).unwrap();
+    restore_fails(&img, &[], "read image", "checksum mismatch in the message");
+    fs::write(&meta, b"not an image").unwrap();
+    restore_fails(&img, &[], "read image", "not a migfs image");
+    fs::write(&meta, &good_meta).unwrap();
+
+    fs::write(&pages, &good_pages[..good_pages.len() - 4096]).unwrap();
+    restore_fails(&img, &[], "read image", "pages.img: truncated");
+    let mut bad = good_pages.clone();
+    let at = bad.len() - 100;
+    bad[at] ^= 1;
+    fs::write(&pages, &bad).unwrap();
+    restore_fails(
+        &img,
+        &[],
+        "write memory",
+        "checksum mismatch in the segment",
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the half-built process {pid} is still there"
+    );
+
+    fs::write(&pages, &good_pages).unwrap();
+    let _r = restore(&img, &[]);
+}
+
+#[test]
+fn missing_or_changed_files_fail_at_check_files() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (out, img, _) = counter_image(dir.path());
+    let good = fs::read(&out).unwrap();
+    fs::remove_file(&out).unwrap();
+    restore_fails(
+        &img,
+        &[],
+        "check files",
+        &format!("fd 7: {}: No such file or directory", out.display()),
+    );
+    let mut changed = good.clone();
+    changed[0] = b'9';
+    fs::write(&out, &changed).unwrap();
+    restore_fails(
+        &img,
+        &[],
+        "check files",
+        "changed since the checkpoint (content differs)",
+    );
+    fs::write(&out, &good[..good.len() - 2]).unwrap();
+    restore_fails(
+        &img,
+        &[],
+        "check files",
+        "changed since the checkpoint (size",
+    );
+    fs::write(&out, &good).unwrap();
+    let r = restore(&img, &[]);
+    wait_lines(&out, numbers(&out).len() + 5, 5000);
+    drop(r);
+    assert_sequence(&out);
+}
+
+#[test]
+fn leave_running_keeps_the_original_and_a_taken_pid_is_refused_when_required() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("call.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_blocking", false);
+    let p = Proc::start(&[
+        bin.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "poll",
+        "600000",
+    ]);
+    assert!(within(5000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .starts_with("start")));
+    let text = checkpoint(&p, &img, &["--leave-running"]);
+    assert!(text.contains("left running"), "{text}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(p.alive(), "--leave-running ended the process");
+    assert_eq!(fs::read_link(format!("/proc/{}/exe", p.pid)).unwrap(), bin);
+    restore_fails(
+        &img,
+        &["--pid-required"],
+        "create stub",
+        &format!("pid {} is in use", p.pid),
+    );
+    let copy = restore(&img, &[]);
+    assert_ne!(copy.pid, p.pid);
+    assert!(p.alive() && copy.alive());
+}
+
+// ------------------------------------------------- across cluster nodes
+
+use migfs_e2e::harness::{Cluster, require_priv};
+
+/// Runs `argv` on `node`; panics unless it works; returns stdout.
+fn on(c: &Cluster, node: &str, argv: &[&str]) -> String {
+    let o = c.exec(node, argv);
+    assert!(
+        o.status.success(),
+        "on {node}: {argv:?}\n{}",
+        output_text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn cluster() -> Option<Cluster> {
+    (require_ptrace() && require_priv()).then(|| Cluster::up(2))
+}
+
+/// Starts `argv` on `node` through `ckpt_spawn exec` (no stray
+/// descriptors); returns its PID there.
+fn start_on(c: &Cluster, node: &str, argv: &[&str]) -> i32 {
+    let sp = spawner();
+    let mut full = vec![sp.to_str().unwrap(), "exec"];
+    full.extend_from_slice(argv);
+    c.spawn_detached(node, &full)
+}
+
+fn bin_str() -> String {
+    migfs_bin().to_str().unwrap().to_owned()
+}
+
+#[test]
+fn counter_on_migfs_moves_from_n1_to_n2_and_keeps_its_pid() {
+    let Some(c) = cluster() else { return };
+    let m = bin_str();
+    let counter = prog("ckpt_counter", false);
+    let pid = start_on(&c, "n1", &[counter.to_str().unwrap(), "/migfs/count.txt"]);
+    let host_out = c.path("n2", "count.txt");
+    wait_lines(&host_out, 20, 10_000);
+    on(
+        &c,
+        "n1",
+        &[&m, "checkpoint", &pid.to_string(), "--to", "/migfs/img"],
+    );
+    assert!(within(5000, || !on(
+        &c,
+        "n1",
+        &[
+            "sh",
+            "-c",
+            &format!("test -e /proc/{pid} && echo alive || true")
+        ]
+    )
+    .contains("alive")));
+    let n = numbers(&host_out).len();
+    let free = !on(
+        &c,
+        "n2",
+        &[
+            "sh",
+            "-c",
+            &format!("test -e /proc/{pid} && echo taken || true"),
+        ],
+    )
+    .contains("taken");
+    let restored: i32 = on(&c, "n2", &[&m, "restore", "--from", "/migfs/img"])
+        .trim()
+        .parse()
+        .unwrap();
+    if free {
+        assert_eq!(
+            restored, pid,
+            "the PID was free on n2 and should have been kept"
+        );
+    }
+    assert_eq!(
+        on(&c, "n2", &["cat", &format!("/proc/{restored}/comm")]).trim(),
+        "ckpt_counter"
+    );
+    wait_lines(&host_out, n + 30, 10_000);
+    on(&c, "n2", &["kill", "-9", &restored.to_string()]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_sequence(&c.path("n1", "count.txt"));
+}
+
+#[test]
+fn migfs_file_renamed_away_and_replaced_is_reopened_by_inode() {
+    let Some(c) = cluster() else { return };
+    let m = bin_str();
+    let counter = prog("ckpt_counter", false);
+    let pid = start_on(&c, "n1", &[counter.to_str().unwrap(), "/migfs/a.txt"]);
+    wait_lines(&c.path("n1", "a.txt"), 10, 10_000);
+    fs::rename(c.path("n2", "a.txt"), c.path("n2", "b.txt")).unwrap();
+    fs::write(c.path("n2", "a.txt"), b"another file\n").unwrap();
+    wait_lines(
+        &c.path("n2", "b.txt"),
+        numbers(&c.path("n2", "b.txt")).len() + 5,
+        10_000,
+    );
+    on(
+        &c,
+        "n1",
+        &[&m, "checkpoint", &pid.to_string(), "--to", "/migfs/img"],
+    );
+    let n = numbers(&c.path("n2", "b.txt")).len();
+    let restored = on(&c, "n2", &[&m, "restore", "--from", "/migfs/img"])
+        .trim()
+        .to_owned();
+    wait_lines(&c.path("n2", "b.txt"), n + 20, 10_000);
+    on(&c, "n2", &["kill", "-9", &restored]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_sequence(&c.path("n2", "b.txt"));
+    assert_eq!(
+        fs::read(c.path("n2", "a.txt")).unwrap(),
+        b"another file\n",
+        "wrote to the new a.txt"
+    );
+}
+
+#[test]
+fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
+    let Some(c) = cluster() else { return };
+    let m = bin_str();
+    let quiet = prog("ckpt_quiet", false);
+    let pid = start_on(
+        &c,
+        "n1",
+        &[quiet.to_str().unwrap(), "/migfs/gone.txt", "unlink"],
+    )
+    .to_string();
+    let lines = |node: &str, pid: &str| -> Vec<u64> {
+        on(&c, node, &["cat", &format!("/proc/{pid}/fd/7")])
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    };
+    assert!(within(10_000, || lines("n1", &pid).len() >= 10));
+    assert!(!c.path("n1", "gone.txt").exists());
+    on(&c, "n1", &["kill", "-USR2", &pid]);
+    std::thread::sleep(Duration::from_millis(100));
+    // The original keeps the file alive until the copy holds it too.
+    on(
+        &c,
+        "n1",
+        &[
+            &m,
+            "checkpoint",
+            &pid,
+            "--to",
+            "/migfs/img",
+            "--leave-running",
+        ],
+    );
+    let restored = on(&c, "n2", &[&m, "restore", "--from", "/migfs/img"])
+        .trim()
+        .to_owned();
+    let link = on(&c, "n2", &["readlink", &format!("/proc/{restored}/fd/7")]);
+    on(&c, "n1", &["kill", "-9", &pid]);
+    on(&c, "n2", &["kill", "-USR1", &restored]);
+    let n = lines("n2", &restored).len();
+    assert!(
+        within(10_000, || lines("n2", &restored).len() >= n + 20),
+        "the copy on n2 does not write ({link})"
+    );
+    let v = lines("n2", &restored);
+    on(&c, "n2", &["kill", "-9", &restored]);
+    for (i, &x) in v.iter().enumerate() {
+        assert_eq!(x, i as u64, "gap or duplicate at line {i}");
+    }
+}

@@ -1,0 +1,53 @@
+//! `migfs`: the metadata server, the node daemon, the cluster testbed and
+//! the user commands, as subcommands of one binary.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use migfs_tools::cli;
+
+#[derive(Parser)]
+#[command(
+    name = "migfs",
+    version,
+    about = "A global filesystem that running processes can move across"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the metadata server.
+    Meta(cli::meta::Args),
+    /// Run a node: mount the filesystem, serve the block store, heartbeat.
+    Node(cli::node::Args),
+    /// The local testbed: a metadata server and nodes in namespaces.
+    Cluster(cli::cluster::Args),
+    /// Freeze a process and write its image (or, with --check, say whether it can move).
+    Checkpoint(cli::checkpoint::Args),
+    /// Rebuild a checkpointed process here and print its PID.
+    Restore(cli::restore::Args),
+    /// Benchmarks that print tables (`bench checkpoint`).
+    Bench(cli::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Meta(a) => cli::meta::run(a),
+        Cmd::Node(a) => cli::node::run(a),
+        Cmd::Cluster(a) => cli::cluster::run(a),
+        Cmd::Checkpoint(a) => cli::checkpoint::run(a),
+        Cmd::Restore(a) => cli::restore::run(a),
+        Cmd::Bench(a) => cli::bench::run(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("migfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! `migfs bench checkpoint`: how long a process does not run when it is
+//! checkpointed and restored, against the floor of copying its memory
+//! through the page cache (docs/checkpoint-restore.md, "Speed").
+//!
+//! The process is this binary in a hidden role (`migfs bench workload`):
+//! it touches N MiB of memory and appends a CLOCK_MONOTONIC heartbeat to
+//! a file every 10 ms. The not-running time is the largest gap between
+//! two heartbeats, as the program itself sees it.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use migfs_mig::checkpoint::{CheckpointOptions, checkpoint};
+use migfs_mig::restore::{RestoreOptions, restore};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+
+#[derive(Debug, Parser)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Checkpoint + restore downtime for several memory sizes.
+    Checkpoint(CheckpointArgs),
+    /// (internal) The process `bench checkpoint` moves.
+    #[command(hide = true)]
+    Workload(WorkloadArgs),
+}
+
+#[derive(Debug, Parser)]
+struct CheckpointArgs {
+    /// Touched memory sizes in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    sizes: Vec<u64>,
+    /// Where images are written (default: a new directory in /tmp).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Parser)]
+struct WorkloadArgs {
+    #[arg(long)]
+    mib: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    match a.cmd {
+        Cmd::Checkpoint(c) => bench(c),
+        Cmd::Workload(w) => workload(w),
+    }
+}
+
+/// The moved process: no descriptor but stdio and its output file.
+fn workload(w: WorkloadArgs) -> anyhow::Result<ExitCode> {
+    let fds: Vec<i32> = fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds.into_iter().filter(|&fd| fd > 2) {
+        let _ = nix::unistd::close(fd);
+    }
+    let n = usize::try_from(w.mib << 20)?;
+    let mut mem = vec![0u8; n];
+    for (i, chunk) in mem.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(
+            &(i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_ne_bytes()[..chunk.len()],
+        );
+    }
+    let mut out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&w.out)?;
+    writeln!(out, "ready")?;
+    // Instant is CLOCK_MONOTONIC: it goes on across the checkpoint.
+    let base = Instant::now();
+    loop {
+        writeln!(out, "beat {}", base.elapsed().as_nanos())?;
+        std::thread::sleep(Duration::from_millis(10));
+        std::hint::black_box(&mem);
+        mem[0] = mem[0].wrapping_add(1);
+    }
+}
+
+/// One measured size.
+struct Row {
+    mib: u64,
+    freeze: Duration,
+    checkpoint: Duration,
+    image: u64,
+    restore: Duration,
+    down: Duration,
+    floor: Duration,
+}
+
+fn bench(c: CheckpointArgs) -> anyhow::Result<ExitCode> {
+    crate::observability::init("warn");
+    let tmp;
+    let dir = match &c.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("migfs-bench-{}", std::process::id()));
+            tmp.clone()
+        }
+    };
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut rows = Vec::new();
+    for &mib in &c.sizes {
+        let r = one(&dir, mib).with_context(|| format!("{mib} MiB"));
+        let _ = fs::remove_dir_all(dir.join("img"));
+        rows.push(r?);
+    }
+    if c.dir.is_none() {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    print_table(&rows, &c);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_table(rows: &[Row], c: &CheckpointArgs) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("checkpoint + restore of a process with touched anonymous memory (same node)");
+    println!(
+        "{:>8} {:>10} {:>12} {:>10} {:>10} {:>14} {:>10} {:>8}",
+        "memory", "freeze", "checkpoint", "image", "restore", "not running", "floor", "ratio"
+    );
+    for r in rows {
+        println!(
+            "{:>4} MiB {:>7.1} ms {:>9.1} ms {:>6} MiB {:>7.1} ms {:>11.1} ms {:>7.1} ms {:>7.2}x",
+            r.mib,
+            ms(r.freeze),
+            ms(r.checkpoint),
+            r.image >> 20,
+            ms(r.restore),
+            ms(r.down),
+            ms(r.floor),
+            r.down.as_secs_f64() / r.floor.as_secs_f64().max(1e-9)
+        );
+    }
+    println!("not running: largest gap in the program's own 10 ms heartbeat (CLOCK_MONOTONIC)");
+    println!(
+        "floor: writing that many bytes to a file in the image directory and reading them back"
+    );
+    let sizes: Vec<String> = c.sizes.iter().map(u64::to_string).collect();
+    let dir = c
+        .dir
+        .as_ref()
+        .map(|d| format!(" --dir {}", d.display()))
+        .unwrap_or_default();
+    println!(
+        "reproduce: migfs bench checkpoint --sizes {}{dir}  (release build, as root)",
+        sizes.join(",")
+    );
+}
+
+fn beats(path: &Path) -> Vec<i64> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("beat ")?.parse().ok())
+        .collect()
+}
+
+fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        if Instant::now() > end {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn one(dir: &Path, mib: u64) -> anyhow::Result<Row> {
+    let out = dir.join(format!("beat-{mib}.txt"));
+    let img = dir.join("img");
+    let _ = fs::remove_file(&out);
+    let floor = floor(dir, mib)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["bench", "workload", "--mib", &mib.to_string(), "--out"])
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start the workload")?;
+    let pid = Pid::from_raw(i32::try_from(child.id())?);
+    let res = (|| {
+        wait_for("the workload", 120, || beats(&out).len() >= 20)?;
+        let t = Instant::now();
+        let report = checkpoint(pid, &img, &CheckpointOptions::default())?;
+        let checkpoint_wall = t.elapsed();
+        // The checkpoint, as tracer and parent, may have reaped it already.
+        let _ = child.wait();
+        let restored = restore(&img, &RestoreOptions::default())?;
+        let rpid = Pid::from_raw(restored.pid);
+        let n = beats(&out).len();
+        let ok = wait_for("heartbeats after restore", 30, || {
+            beats(&out).len() >= n + 10
+        });
+        let _ = kill(rpid, Signal::SIGKILL);
+        let _ = waitpid(rpid, None);
+        ok?;
+        let b = beats(&out);
+        let gap = b.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        Ok::<Row, anyhow::Error>(Row {
+            mib,
+            freeze: report.freeze,
+            checkpoint: checkpoint_wall,
+            image: report.capture.pages_bytes + report.capture.image_bytes,
+            restore: restored.total,
+            down: Duration::from_nanos(u64::try_from(gap).unwrap_or(0)),
+            floor,
+        })
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = fs::remove_file(&out);
+    res
+}
+
+/// Time to write `mib` MiB to a new file in `dir` and read it back.
+fn floor(dir: &Path, mib: u64) -> anyhow::Result<Duration> {
+    let path = dir.join("floor.bin");
+    let n = usize::try_from(mib << 20)?;
+    let data: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(31)).collect();
+    let mut back = vec![0u8; 16 << 20];
+    let t = Instant::now();
+    fs::File::create(&path)?.write_all(&data)?;
+    let mut f = fs::File::open(&path)?;
+    let mut sink = Vec::with_capacity(n);
+    loop {
+        let k = f.read(&mut back)?;
+        if k == 0 {
+            break;
+        }
+        sink.extend_from_slice(&back[..k]);
+    }
+    let took = t.elapsed();
+    fs::remove_file(&path)?;
+    anyhow::ensure!(sink.len() == n, "read back {} of {n} bytes", sink.len());
+    Ok(took)
+}

@@ -1,0 +1,88 @@
+//! `migfs checkpoint PID --to DIR [--leave-running]` and
+//! `migfs checkpoint --check PID` (docs/checkpoint-restore.md).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use migfs_mig::checkpoint::{CheckpointOptions, checkpoint};
+use nix::unistd::Pid;
+
+/// Exit code of `--check` when the process cannot be moved.
+pub const EXIT_NOT_MOVABLE: u8 = 3;
+
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// The process to checkpoint.
+    pid: i32,
+    /// Image directory to write (created if missing).
+    #[arg(long, required_unless_present = "check")]
+    to: Option<PathBuf>,
+    /// Let the process run on after the checkpoint (default: end it).
+    #[arg(long)]
+    leave_running: bool,
+    /// Only say whether the process can be moved and, if not, name each
+    /// resource that stops it; changes nothing. Exit 0: movable, 3: not.
+    #[arg(long, conflicts_with_all = ["to", "leave_running"])]
+    check: bool,
+    /// Give up when a thread does not stop within this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    freeze_timeout_ms: u64,
+    /// Print the timings as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    crate::observability::init("warn");
+    let pid = Pid::from_raw(a.pid);
+    if a.check {
+        let blockers = migfs_mig::check::check(pid)?;
+        if blockers.is_empty() {
+            println!("pid {pid} can be moved");
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!("pid {pid} cannot be moved:");
+        for b in blockers {
+            println!("  {b}");
+        }
+        return Ok(ExitCode::from(EXIT_NOT_MOVABLE));
+    }
+    let dir = a.to.context("--to DIR is required")?;
+    let opts = CheckpointOptions {
+        leave_running: a.leave_running,
+        freeze_timeout: Duration::from_millis(a.freeze_timeout_ms),
+        ..Default::default()
+    };
+    let r = checkpoint(pid, &dir, &opts).with_context(|| format!("cannot checkpoint pid {pid}"))?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    if a.json {
+        println!(
+            "{{\"pid\":{pid},\"threads\":{},\"freeze_ms\":{:.3},\"capture_ms\":{:.3},\"copy_ms\":{:.3},\"frozen_ms\":{:.3},\"image_bytes\":{},\"pages_bytes\":{}}}",
+            r.threads,
+            ms(r.freeze),
+            ms(r.capture.total),
+            ms(r.capture.copy),
+            ms(r.frozen_for),
+            r.capture.image_bytes,
+            r.capture.pages_bytes
+        );
+    } else {
+        let what = if a.leave_running {
+            "left running"
+        } else {
+            "ended"
+        };
+        println!(
+            "checkpointed pid {pid} ({} threads) to {}: {:.1} MiB of memory; freeze {:.1} ms, capture {:.1} ms; original {what}",
+            r.threads,
+            dir.display(),
+            r.capture.pages_bytes as f64 / (1 << 20) as f64,
+            ms(r.freeze),
+            ms(r.capture.total)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
