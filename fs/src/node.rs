@@ -56,6 +56,8 @@ pub struct NodeConfig {
     pub ttls: Ttls,
     /// FUSE worker threads.
     pub fuse_threads: usize,
+    /// fsync also syncs the block store's disk (see `DataCtx::fsync_blocks`).
+    pub fsync_blocks: bool,
     /// Written (with the mount path) once the node is mounted and registered.
     pub ready_file: Option<PathBuf>,
 }
@@ -110,6 +112,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         block_size: u64::from(block_size),
         upload_slots: Arc::new(Semaphore::new(1024)),
         cache: Arc::new(crate::cache::MetaCache::new(cfg.cache_ttl)),
+        fsync_blocks: cfg.fsync_blocks,
     };
     let shared = Arc::new(Shared::new(data, cfg.ttls));
     let fuse_done = mount_fuse(&cfg, &shared)?;

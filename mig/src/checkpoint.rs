@@ -61,11 +61,13 @@ pub fn checkpoint(
         }
         .into());
     }
+    let mut files = capture::files::FileCtx::new(pid, opts.capture.hash_limit)?;
+    files.prehash_mappings()?;
     let t0 = Instant::now();
     let frozen = freeze::freeze(pid, opts.freeze_timeout)?;
     let freeze = t0.elapsed();
     let threads = frozen.threads().len();
-    let capture = match capture::capture(&frozen, dir, &opts.capture) {
+    let capture = match capture::capture(&frozen, dir, &opts.capture, Some(files)) {
         Ok(c) => c,
         Err(e) => {
             thaw(frozen);

@@ -19,7 +19,7 @@
 //! let pid = Pid::from_raw(1234);
 //! assert!(migfs_mig::check::check(pid)?.is_empty());
 //! let frozen = migfs_mig::freeze::freeze(pid, Duration::from_secs(10))?;
-//! migfs_mig::capture::capture(&frozen, "/migfs/img".as_ref(), &Default::default())?;
+//! migfs_mig::capture::capture(&frozen, "/migfs/img".as_ref(), &Default::default(), None)?;
 //! frozen.kill()?;
 //! let back = migfs_mig::restore::restore("/migfs/img".as_ref(), &Default::default())?;
 //! println!("running again as {}", back.pid);

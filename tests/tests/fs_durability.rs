@@ -185,3 +185,40 @@ fn unreachable_metadata_server_gives_eio_in_bounded_time_then_recovers() {
     );
     assert_eq!(fs::read(c.path("n2", "before")).unwrap(), b"1");
 }
+
+#[test]
+fn full_data_disk_gives_enospc_and_corrupts_nothing() {
+    if !require_priv() {
+        return;
+    }
+    let c = Cluster::up(2);
+    let keep: Vec<u8> = (0..200_000u32).map(|i| (i % 239) as u8).collect();
+    fs::write(c.path("n1", "keep"), &keep).unwrap();
+    // Give n1 an 8 MiB data disk (inside its own mount namespace).
+    let data = c.data_dir("n1");
+    c.kill("n1");
+    let o = c.exec(
+        "n1",
+        &["mount", "-t", "tmpfs", "-o", "size=8m", "migfs-test-full", data.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "mount tmpfs: {}", text(&o));
+    c.start("n1");
+    let big: Vec<u8> = (0..32_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+    let mut f = fs::File::create(c.path("n1", "big")).unwrap();
+    let err = f
+        .write_all(&big)
+        .and_then(|()| f.sync_all())
+        .expect_err("32 MB fitted on an 8 MiB data disk");
+    assert_eq!(err.raw_os_error(), Some(28), "expected ENOSPC, got {err}");
+    drop(f);
+    fs::remove_file(c.path("n1", "big")).unwrap();
+    assert_eq!(fs::read(c.path("n1", "keep")).unwrap(), keep, "existing data damaged");
+    assert_eq!(fs::read(c.path("n2", "keep")).unwrap(), keep, "existing data damaged");
+    // Space comes back once the partial blocks are collected.
+    assert!(
+        within(30_000, || fs::write(c.path("n1", "small"), b"fits again").is_ok()
+            && fs::File::open(c.path("n1", "small")).and_then(|f| f.sync_all()).is_ok()),
+        "writes still fail after the big file was removed"
+    );
+    assert_eq!(fs::read(c.path("n2", "small")).unwrap(), b"fits again");
+}

@@ -169,6 +169,10 @@ impl BlockStore {
         self.stats
             .blocks_written
             .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        // Named by their own hash just now: verified by construction.
+        for (h, d) in &blocks {
+            self.cache.insert(*h, d.clone());
+        }
         let mut holders = vec![me];
         let want = usize::try_from(self.replicas.load(Ordering::Relaxed)).unwrap_or(1) - 1;
         let mut peers = self.pick_peers(blocks.first().map(|b| b.0), want);

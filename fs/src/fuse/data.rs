@@ -87,6 +87,9 @@ pub struct DataCtx {
     pub upload_slots: Arc<Semaphore>,
     /// The user-space attribute cache, refreshed by every commit.
     pub cache: Arc<MetaCache>,
+    /// Whether fsync also forces the block store to stable storage (power
+    /// loss); without it fsync'd data survives a crash of any daemon.
+    pub fsync_blocks: bool,
 }
 
 impl FileData {
@@ -259,6 +262,7 @@ impl DataCtx {
         let bs = self.block_size;
         let slots = Arc::clone(&self.upload_slots);
         let cache = Arc::clone(&self.cache);
+        let fsync_blocks = self.fsync_blocks;
         tokio::spawn(async move {
             let hashed: Vec<(u64, u64, BlockHash, Bytes)> = blocks
                 .into_iter()
@@ -303,6 +307,7 @@ impl DataCtx {
                     block_size: bs,
                     upload_slots: slots,
                     cache,
+                    fsync_blocks,
                 };
                 if let Err(e) = ctx.commit(&fd).await {
                     tracing::warn!(ino = fd.ino, error = %e, "background commit failed");

@@ -421,10 +421,12 @@ pub async fn fsync(sh: &Shared, fh: Option<FileHandle>) -> Result<()> {
     for fd in &fds {
         sh.data.flush(fd).await?;
     }
-    let blocks = Arc::clone(&sh.data.blocks);
-    tokio::task::spawn_blocking(move || blocks.local.sync())
-        .await
-        .map_err(|e| FsError::Invalid(format!("sync task: {e}")))??;
+    if sh.data.fsync_blocks {
+        let blocks = Arc::clone(&sh.data.blocks);
+        tokio::task::spawn_blocking(move || blocks.local.sync())
+            .await
+            .map_err(|e| FsError::Invalid(format!("sync task: {e}")))??;
+    }
     sh.data
         .meta
         .call("sync", |mut c| async move { c.sync(Empty {}).await })

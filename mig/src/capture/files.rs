@@ -22,7 +22,14 @@ pub struct FileCtx {
     pid: Pid,
     mounts: Vec<Mount>,
     hash_limit: u64,
-    hashes: HashMap<(u64, u64), Vec<u8>>,
+    hashes: HashMap<FileKey, Vec<u8>>,
+}
+
+/// A file version: device, inode, size, mtime (s, ns).
+type FileKey = (u64, u64, u64, i64, i64);
+
+fn key(m: &std::fs::Metadata) -> FileKey {
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
 }
 
 impl FileCtx {
@@ -39,6 +46,19 @@ impl FileCtx {
             hash_limit,
             hashes: HashMap::new(),
         })
+    }
+
+    /// Hashes the files `pid` maps now, while it still runs, so that the
+    /// capture (frozen) only checks they did not change since.
+    pub fn prehash_mappings(&mut self) -> Result<(), CaptureError> {
+        let pid = self.pid;
+        let maps = procfs::maps(pid).map_err(|source| CaptureError::Io { pid: pid.as_raw(), what: "maps".into(), source })?;
+        for m in maps.iter().filter(|m| m.inode != 0 && !m.path.starts_with('[') && !m.path.starts_with("/dev/")) {
+            let proc_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            // A mapping may go away before we get to it: that is fine.
+            let _ = self.file_ref(&proc_path, &m.path, true);
+        }
+        Ok(())
     }
 
     /// The migfs mount holding device `dev`, if any.
@@ -84,7 +104,7 @@ impl FileCtx {
             rdev: meta.rdev(),
         };
         if hash && meta.is_file() && meta.size() <= self.hash_limit {
-            let key = (meta.dev(), meta.ino());
+            let key = key(&meta);
             let h = match self.hashes.get(&key) {
                 Some(h) => h.clone(),
                 None => {
@@ -137,6 +157,7 @@ pub fn fds(ctx: &mut FileCtx, remote: &Remote) -> Result<(Vec<Fd>, Vec<FileLock>
     let mut out: Vec<Fd> = Vec::new();
     let mut locks = Vec::new();
     let mut posix_seen = Vec::new();
+    let mut probed = Vec::new();
     for fd in procfs::numeric_dir(&format!("/proc/{pid}/fd")).map_err(io("list fds".into()))? {
         let proc_path = format!("/proc/{pid}/fd/{fd}");
         let link = std::fs::read_link(&proc_path).map_err(io(format!("fd {fd}")))?;
@@ -170,7 +191,19 @@ pub fn fds(ctx: &mut FileCtx, remote: &Remote) -> Result<(Vec<Fd>, Vec<FileLock>
                 errno,
             })?;
         }
-        for l in &info.locks {
+        let mut lines = info.locks.clone();
+        if migfs && kind == Movable::Regular && !probed.contains(&(meta.dev(), meta.ino())) {
+            // migfs keeps fcntl locks in its servers: /proc does not list them.
+            probed.push((meta.dev(), meta.ino()));
+            let f = std::fs::File::open(&proc_path).map_err(io(format!("fd {fd}: reopen {link}")))?;
+            let held = task::posix_locks_of(&f, p).map_err(|errno| CaptureError::Sys {
+                pid: p,
+                what: format!("fd {fd}: F_GETLK on {link}"),
+                errno,
+            })?;
+            lines.extend(held);
+        }
+        for l in &lines {
             let kind = match l.class.as_str() {
                 "POSIX" => LockKind::LockPosix,
                 "FLOCK" => LockKind::LockFlock,

@@ -269,8 +269,8 @@ fn dump_pages(
                         source,
                     })?;
             }
-            let hash = *blake3::hash(&buf).as_bytes();
-            segs.push(pages.segment(addr, &buf, hash)?);
+            let hash = blake3::hash(&buf);
+            segs.push(pages.segment(addr, &buf, *hash.as_bytes())?);
         }
     }
     Ok(segs)
@@ -283,6 +283,7 @@ mod tests {
     #[test]
     fn runs_split_at_gaps_and_at_the_segment_limit() {
         let p = procfs::PM_PRESENT;
+        assert_eq!(MAX_SEGMENT % 4096, 0);
         let e = [p, p, 0, p, 0, 0];
         assert_eq!(
             runs(0x1000, &e, 0x1000, |x| x & p != 0),

@@ -54,12 +54,14 @@ pub struct CaptureStats {
     pub total: Duration,
 }
 
-/// Writes the image of `frozen` to `dir`.
+/// Writes the image of `frozen` to `dir`. `files` may carry hashes taken
+/// before the freeze ([`files::FileCtx::prehash_mappings`]).
 #[tracing::instrument(skip_all, fields(pid = frozen.pid().as_raw(), dir = %dir.display()))]
 pub fn capture(
     frozen: &Frozen,
     dir: &Path,
     opts: &CaptureOptions,
+    files: Option<files::FileCtx>,
 ) -> Result<CaptureStats, MigError> {
     let t0 = Instant::now();
     let pid = frozen.pid();
@@ -77,7 +79,10 @@ pub fn capture(
     };
     let maps = procfs::maps(pid).map_err(io("maps"))?;
     let remote = remote::Remote::new(pid, &maps)?;
-    let mut ctx = files::FileCtx::new(pid, opts.hash_limit)?;
+    let mut ctx = match files {
+        Some(c) => c,
+        None => files::FileCtx::new(pid, opts.hash_limit)?,
+    };
     let threads = frozen
         .threads()
         .iter()

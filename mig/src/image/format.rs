@@ -32,8 +32,10 @@ pub const TRAILER_LEN: usize = 32;
 
 /// Largest message accepted.
 pub const MAX_MESSAGE: u64 = 64 << 20;
-/// Largest memory segment (the unit of checksumming).
-pub const MAX_SEGMENT: u64 = 16 << 20;
+/// Largest memory segment, the unit of checksumming: small enough to be
+/// checked in a cache-resident buffer just before it is written into the
+/// process.
+pub const MAX_SEGMENT: u64 = 1 << 20;
 /// Most threads accepted.
 pub const MAX_THREADS: usize = 16 << 10;
 /// Largest xsave area accepted.

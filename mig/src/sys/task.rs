@@ -73,3 +73,52 @@ pub fn kill(pid: Pid, sig: i32) -> Result<(), Errno> {
 pub fn gettid() -> Pid {
     nix::unistd::gettid()
 }
+
+/// The fcntl (POSIX) locks process `pid` holds on the file open as `f`,
+/// found by asking `F_GETLK` for a write lock over ever smaller ranges.
+/// Meant for filesystems that keep locks themselves (FUSE `setlk`), whose
+/// locks /proc does not list. A lock of `pid` that lies wholly under a
+/// read lock another process holds on the same range is not seen.
+pub fn posix_locks_of(f: &std::fs::File, pid: i32) -> Result<Vec<super::procfs::LockLine>, Errno> {
+    use std::os::fd::AsFd;
+    // F_RDLCK, F_WRLCK, F_UNLCK and SEEK_SET are 0, 1, 2 and 0 (short).
+    let short = |v: i32| libc::c_short::try_from(v).unwrap_or(-1);
+    let mut out = Vec::new();
+    let mut todo = vec![(0u64, u64::MAX)];
+    let mut probes = 0;
+    while let Some((s, e)) = todo.pop() {
+        probes += 1;
+        if probes > 4096 {
+            return Err(Errno::E2BIG);
+        }
+        let len = if e == u64::MAX { 0 } else { i64::try_from(e - s + 1).map_err(|_| Errno::EOVERFLOW)? };
+        let mut fl = libc::flock {
+            l_type: short(libc::F_WRLCK),
+            l_whence: short(libc::SEEK_SET),
+            l_start: i64::try_from(s).map_err(|_| Errno::EOVERFLOW)?,
+            l_len: len,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(f.as_fd(), nix::fcntl::FcntlArg::F_GETLK(&mut fl))?;
+        if fl.l_type == short(libc::F_UNLCK) {
+            continue;
+        }
+        let ls = u64::try_from(fl.l_start).map_err(|_| Errno::EINVAL)?;
+        let le = match fl.l_len {
+            0 => u64::MAX,
+            n => ls + u64::try_from(n).map_err(|_| Errno::EINVAL)? - 1,
+        };
+        if fl.l_pid == pid {
+            let write = fl.l_type == short(libc::F_WRLCK);
+            let end = (le != u64::MAX).then_some(le);
+            out.push(super::procfs::LockLine { class: "POSIX".into(), write, pid: pid.into(), start: ls, end });
+        }
+        if ls > s {
+            todo.push((s, ls - 1));
+        }
+        if le < e {
+            todo.push((le + 1, e));
+        }
+    }
+    Ok(out)
+}

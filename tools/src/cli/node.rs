@@ -51,6 +51,11 @@ pub struct Args {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     fuse_threads: usize,
+    /// Make fsync also force written blocks to the disk (syncfs of the data
+    /// directory), for power-loss durability. Without it, fsync'd data
+    /// survives a crash of any migfs daemon but not of the machine.
+    #[arg(long, env = "MIGFS_FSYNC_BLOCKS")]
+    fsync_blocks: bool,
 }
 
 /// Runs the node.
@@ -76,6 +81,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             attr: secs(a.kernel_ttl, "kernel-ttl")?,
         },
         fuse_threads: a.fuse_threads,
+        fsync_blocks: a.fsync_blocks,
         ready_file: a.ready_file,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
