@@ -49,4 +49,4 @@ pub mod store;
 
 pub use db::{Config, MetaDb};
 pub use error::{MetaError, Result};
-pub use store::{MemStore, MetaStore, SledStore};
+pub use store::{MemStore, MetaStore, SledStore, WriteBehind};

@@ -3,7 +3,9 @@
 //! ids; and for the on-disk store, persistence across a reopen.
 
 use migfs_meta::schema::Tree;
-use migfs_meta::store::{Batch, MemStore, MetaStore, SledStore};
+use std::sync::Arc;
+
+use migfs_meta::store::{Batch, MemStore, MetaStore, SledStore, WriteBehind};
 
 /// A store plus whatever must outlive it (a temp dir).
 struct Fixture {
@@ -22,6 +24,15 @@ fn sled() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     Fixture {
         store: Box::new(SledStore::open(dir.path()).unwrap()),
+        _dir: Some(dir),
+    }
+}
+
+fn behind() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(SledStore::open(dir.path()).unwrap());
+    Fixture {
+        store: Box::new(WriteBehind::open(disk).unwrap()),
         _dir: Some(dir),
     }
 }
@@ -206,5 +217,45 @@ fn sled_data_and_ids_survive_reopen() {
     assert!(
         after > before,
         "id {after} after reopen is not above {before}"
+    );
+}
+conformance!(behind: get_put_remove, scan_is_ordered_bounded_and_limited,
+    batch_applies_every_write_in_order, ids_increase, large_batch_over_every_tree);
+
+#[test]
+fn write_behind_writes_everything_to_disk_and_loads_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let disk = Arc::new(SledStore::open(dir.path()).unwrap());
+        let s = WriteBehind::open(disk.clone()).unwrap();
+        for i in 0..2000u64 {
+            let mut b = Batch::new();
+            b.put(
+                Tree::Inodes,
+                i.to_be_bytes().to_vec(),
+                i.to_le_bytes().to_vec(),
+            );
+            if i % 2 == 1 {
+                b.remove(Tree::Inodes, (i - 1).to_be_bytes().to_vec());
+            }
+            s.apply(&b).unwrap();
+        }
+        s.flush().unwrap();
+        // After flush the durable store holds every batch, in order.
+        assert_eq!(
+            disk.scan(Tree::Inodes, &[], None, usize::MAX)
+                .unwrap()
+                .len(),
+            1000
+        );
+        assert_eq!(disk.get(Tree::Inodes, &0u64.to_be_bytes()).unwrap(), None);
+    }
+    let s = WriteBehind::open(Arc::new(SledStore::open(dir.path()).unwrap())).unwrap();
+    let all = s.scan(Tree::Inodes, &[], None, usize::MAX).unwrap();
+    assert_eq!(all.len(), 1000);
+    assert_eq!(
+        all[0].0,
+        1u64.to_be_bytes().to_vec(),
+        "odd keys survive, even ones were removed"
     );
 }

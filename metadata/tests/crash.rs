@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use migfs_meta::{Config, MetaDb, SledStore};
+use migfs_meta::{Config, MetaDb, SledStore, WriteBehind};
 use migfs_proto::auth::{Present, Secret};
 use migfs_proto::meta::{self as pb, meta_client::MetaClient};
 use tonic::service::interceptor::InterceptedService;
@@ -65,7 +65,9 @@ fn main() {
 fn child_server(db: &Path) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let store = Arc::new(SledStore::open(db).expect("open db"));
+        // The server's own store: memory in front, sled written behind.
+        let disk = Arc::new(SledStore::open(db).expect("open db"));
+        let store = Arc::new(WriteBehind::open(disk).expect("load db"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

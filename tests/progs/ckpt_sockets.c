@@ -1,11 +1,15 @@
 // Checkpoint test program holding things that cannot be moved: a pipe, a
-// listening TCP socket on 127.0.0.1 and a connected pair. Appends a line
-// to argv[1] every 10 ms so a test can see it keeps running.
+// listening TCP socket on 127.0.0.1 and a connected pair, an io_uring
+// instance, a pty master (/dev/ptmx, a device) and an eventfd. Appends a
+// line to argv[1] every 10 ms so a test can see it keeps running.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -21,6 +25,11 @@ int main(int argc, char **argv) {
     if (connect(c, (void *)&a, sizeof a)) return 5;
     int s = accept(l, NULL, NULL);
     if (s < 0) return 6;
+    char params[120];
+    memset(params, 0, sizeof params);
+    if (syscall(SYS_io_uring_setup, 4, params) < 0) return 7;
+    if (open("/dev/ptmx", O_RDWR | O_NOCTTY) < 0) return 8;
+    if (eventfd(0, 0) < 0) return 9;
     int fd = open(argv[1], O_WRONLY | O_CREAT | O_APPEND, 0644);
     for (long i = 0;; i++) {
         dprintf(fd, "%ld\n", i);

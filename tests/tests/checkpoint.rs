@@ -441,6 +441,12 @@ fn check_names_sockets_and_pipes_and_checkpoint_refuses() {
         connected, 2,
         "both ends of the connection should be named: {text}"
     );
+    assert!(text.contains(": io_uring instance"), "{text}");
+    assert!(text.contains(": device /dev/ptmx (char 5:2)"), "{text}");
+    assert!(
+        text.contains(": eventfd descriptor (anon inode) is not supported"),
+        "{text}"
+    );
     let img = dir.path().join("img");
     let o = migfs(&["checkpoint", &pid, "--to", img.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -1338,4 +1344,50 @@ fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
     for (i, &x) in v.iter().enumerate() {
         assert_eq!(x, i as u64, "gap or duplicate at line {i}");
     }
+}
+
+#[test]
+fn fcntl_lock_on_migfs_stays_held_by_the_process_across_nodes() {
+    let Some(c) = cluster() else { return };
+    let m = bin_str();
+    let b = prog("ckpt_blocking", false);
+    let b = b.to_str().unwrap();
+    fs::write(c.path("n1", "lk"), b"lock me").unwrap();
+    let report = |file: &str| fs::read_to_string(c.path("n1", file)).unwrap_or_default();
+    // Tries the lock from `node`; returns its report and stops the prober.
+    let probe = |node: &str, name: &str| -> String {
+        let file = format!("/migfs/{name}");
+        let pid = start_on(&c, node, &[b, &file, "hold", "/migfs/lk"]);
+        assert!(
+            within(10_000, || report(name).contains("rc=")),
+            "{name}: no report"
+        );
+        on(&c, node, &["kill", "-9", &pid.to_string()]);
+        report(name)
+    };
+    let holder = start_on(&c, "n1", &[b, "/migfs/holder.txt", "hold", "/migfs/lk"]).to_string();
+    assert!(
+        within(10_000, || report("holder.txt").contains("rc=0 ")),
+        "{}",
+        report("holder.txt")
+    );
+    assert!(
+        probe("n2", "p1.txt").contains("rc=-1 errno=11 "),
+        "the lock is not held at first"
+    );
+    on(&c, "n1", &[&m, "checkpoint", &holder, "--to", "/migfs/img"]);
+    let restored = on(&c, "n2", &[&m, "restore", "--from", "/migfs/img"])
+        .trim()
+        .to_owned();
+    let p2 = probe("n1", "p2.txt");
+    assert!(
+        p2.contains("rc=-1 errno=11 "),
+        "the restored process does not hold the lock: {p2}"
+    );
+    on(&c, "n2", &["kill", "-9", &restored]);
+    let p3 = probe("n1", "p3.txt");
+    assert!(
+        p3.contains("rc=0 "),
+        "the lock should be free once the restored process is gone: {p3}"
+    );
 }

@@ -199,11 +199,21 @@ fn full_data_disk_gives_enospc_and_corrupts_nothing() {
     c.kill("n1");
     let o = c.exec(
         "n1",
-        &["mount", "-t", "tmpfs", "-o", "size=8m", "migfs-test-full", data.to_str().unwrap()],
+        &[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8m",
+            "migfs-test-full",
+            data.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "mount tmpfs: {}", text(&o));
     c.start("n1");
-    let big: Vec<u8> = (0..32_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+    let big: Vec<u8> = (0..32_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
     let mut f = fs::File::create(c.path("n1", "big")).unwrap();
     let err = f
         .write_all(&big)
@@ -212,12 +222,23 @@ fn full_data_disk_gives_enospc_and_corrupts_nothing() {
     assert_eq!(err.raw_os_error(), Some(28), "expected ENOSPC, got {err}");
     drop(f);
     fs::remove_file(c.path("n1", "big")).unwrap();
-    assert_eq!(fs::read(c.path("n1", "keep")).unwrap(), keep, "existing data damaged");
-    assert_eq!(fs::read(c.path("n2", "keep")).unwrap(), keep, "existing data damaged");
+    assert_eq!(
+        fs::read(c.path("n1", "keep")).unwrap(),
+        keep,
+        "existing data damaged"
+    );
+    assert_eq!(
+        fs::read(c.path("n2", "keep")).unwrap(),
+        keep,
+        "existing data damaged"
+    );
     // Space comes back once the partial blocks are collected.
     assert!(
-        within(30_000, || fs::write(c.path("n1", "small"), b"fits again").is_ok()
-            && fs::File::open(c.path("n1", "small")).and_then(|f| f.sync_all()).is_ok()),
+        within(30_000, || fs::write(c.path("n1", "small"), b"fits again")
+            .is_ok()
+            && fs::File::open(c.path("n1", "small"))
+                .and_then(|f| f.sync_all())
+                .is_ok()),
         "writes still fail after the big file was removed"
     );
     assert_eq!(fs::read(c.path("n2", "small")).unwrap(), b"fits again");

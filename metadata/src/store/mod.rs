@@ -6,9 +6,11 @@
 //! never names sled. `tests/conformance.rs` runs one suite against every
 //! implementation.
 
+mod behind;
 mod mem;
 mod sled;
 
+pub use self::behind::WriteBehind;
 pub use self::mem::MemStore;
 pub use self::sled::SledStore;
 

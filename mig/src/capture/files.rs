@@ -52,8 +52,15 @@ impl FileCtx {
     /// capture (frozen) only checks they did not change since.
     pub fn prehash_mappings(&mut self) -> Result<(), CaptureError> {
         let pid = self.pid;
-        let maps = procfs::maps(pid).map_err(|source| CaptureError::Io { pid: pid.as_raw(), what: "maps".into(), source })?;
-        for m in maps.iter().filter(|m| m.inode != 0 && !m.path.starts_with('[') && !m.path.starts_with("/dev/")) {
+        let maps = procfs::maps(pid).map_err(|source| CaptureError::Io {
+            pid: pid.as_raw(),
+            what: "maps".into(),
+            source,
+        })?;
+        for m in maps
+            .iter()
+            .filter(|m| m.inode != 0 && !m.path.starts_with('[') && !m.path.starts_with("/dev/"))
+        {
             let proc_path = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             // A mapping may go away before we get to it: that is fine.
             let _ = self.file_ref(&proc_path, &m.path, true);
@@ -195,7 +202,8 @@ pub fn fds(ctx: &mut FileCtx, remote: &Remote) -> Result<(Vec<Fd>, Vec<FileLock>
         if migfs && kind == Movable::Regular && !probed.contains(&(meta.dev(), meta.ino())) {
             // migfs keeps fcntl locks in its servers: /proc does not list them.
             probed.push((meta.dev(), meta.ino()));
-            let f = std::fs::File::open(&proc_path).map_err(io(format!("fd {fd}: reopen {link}")))?;
+            let f =
+                std::fs::File::open(&proc_path).map_err(io(format!("fd {fd}: reopen {link}")))?;
             let held = task::posix_locks_of(&f, p).map_err(|errno| CaptureError::Sys {
                 pid: p,
                 what: format!("fd {fd}: F_GETLK on {link}"),

@@ -91,7 +91,11 @@ pub fn posix_locks_of(f: &std::fs::File, pid: i32) -> Result<Vec<super::procfs::
         if probes > 4096 {
             return Err(Errno::E2BIG);
         }
-        let len = if e == u64::MAX { 0 } else { i64::try_from(e - s + 1).map_err(|_| Errno::EOVERFLOW)? };
+        let len = if e == u64::MAX {
+            0
+        } else {
+            i64::try_from(e - s + 1).map_err(|_| Errno::EOVERFLOW)?
+        };
         let mut fl = libc::flock {
             l_type: short(libc::F_WRLCK),
             l_whence: short(libc::SEEK_SET),
@@ -111,7 +115,13 @@ pub fn posix_locks_of(f: &std::fs::File, pid: i32) -> Result<Vec<super::procfs::
         if fl.l_pid == pid {
             let write = fl.l_type == short(libc::F_WRLCK);
             let end = (le != u64::MAX).then_some(le);
-            out.push(super::procfs::LockLine { class: "POSIX".into(), write, pid: pid.into(), start: ls, end });
+            out.push(super::procfs::LockLine {
+                class: "POSIX".into(),
+                write,
+                pid: pid.into(),
+                start: ls,
+                end,
+            });
         }
         if ls > s {
             todo.push((s, ls - 1));

@@ -31,6 +31,11 @@ pub struct Args {
 enum Cmd {
     /// Checkpoint + restore downtime for several memory sizes.
     Checkpoint(CheckpointArgs),
+    /// Filesystem throughput and metadata rates beside local disk, bindfs, MooseFS.
+    Fs(super::bench_fs::FsArgs),
+    /// (internal) Measures one directory for `bench fs`.
+    #[command(hide = true)]
+    FsRun(super::bench_fs::RunArgs),
     /// (internal) The process `bench checkpoint` moves.
     #[command(hide = true)]
     Workload(WorkloadArgs),
@@ -57,6 +62,8 @@ struct WorkloadArgs {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.cmd {
         Cmd::Checkpoint(c) => bench(c),
+        Cmd::Fs(a) => super::bench_fs::run(a),
+        Cmd::FsRun(a) => super::bench_fs::run_one(a),
         Cmd::Workload(w) => workload(w),
     }
 }
@@ -233,7 +240,7 @@ fn one(dir: &Path, mib: u64) -> anyhow::Result<Row> {
 fn floor(dir: &Path, mib: u64) -> anyhow::Result<Duration> {
     let path = dir.join("floor.bin");
     let n = usize::try_from(mib << 20)?;
-    let data: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(31)).collect();
+    let data: Vec<u8> = (0..n).map(|i| u8::try_from(i % 251).unwrap_or(0)).collect();
     let mut back = vec![0u8; 16 << 20];
     let t = Instant::now();
     fs::File::create(&path)?.write_all(&data)?;

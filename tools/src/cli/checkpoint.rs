@@ -56,7 +56,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         freeze_timeout: Duration::from_millis(a.freeze_timeout_ms),
         ..Default::default()
     };
-    let r = checkpoint(pid, &dir, &opts).with_context(|| format!("cannot checkpoint pid {pid}"))?;
+    // Every error names the pid and what failed.
+    let r = checkpoint(pid, &dir, &opts)?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     if a.json {
         println!(

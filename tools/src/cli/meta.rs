@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use migfs_meta::{Config, SledStore};
+use migfs_meta::{Config, SledStore, WriteBehind};
 
 /// Serves the cluster's metadata (namespace, block maps, sessions, locks)
 /// from a sled database, until SIGINT or SIGTERM.
@@ -54,13 +54,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ..Config::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::env::var("MIGFS_META_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+        )
         .enable_all()
         .thread_name("migfs-meta")
         .build()
         .context("start the async runtime")?;
     rt.block_on(async {
-        let store = SledStore::open(&a.db)
+        let disk = SledStore::open(&a.db)
             .with_context(|| format!("open the metadata database {}", a.db.display()))?;
+        let store = WriteBehind::open(Arc::new(disk))
+            .with_context(|| format!("load the metadata database {}", a.db.display()))?;
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
             .with_context(|| format!("listen on {}", a.listen))?;

@@ -4,6 +4,7 @@
 //! process is still single-threaded.
 
 pub mod bench;
+pub mod bench_fs;
 pub mod checkpoint;
 pub mod cluster;
 pub mod meta;

@@ -85,7 +85,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ready_file: a.ready_file,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
+        .worker_threads(
+            std::env::var("MIGFS_NODE_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4),
+        )
         .enable_all()
         .thread_name("migfs-node")
         .build()
