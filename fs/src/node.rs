@@ -377,23 +377,32 @@ async fn gc_loop(sh: Arc<Shared>) {
             continue;
         }
         let b2 = Arc::clone(&blocks);
-        let hashes = r.hashes.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for h in &hashes {
-                if let Ok(h) = BlockHash::try_from(h.as_slice()) {
+        // A pinned block is about to be referenced again: keep it, and do
+        // not report it, so it is claimed again if it stays unreferenced.
+        let collected = tokio::task::spawn_blocking(move || {
+            let mut done = Vec::new();
+            for raw in r.hashes {
+                let Ok(h) = BlockHash::try_from(raw.as_slice()) else {
+                    continue;
+                };
+                if b2.local.collect(&h) {
                     b2.cache.remove(&h);
-                    if b2.local.collect(&h) {
-                        b2.stats
-                            .blocks_collected
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    b2.stats
+                        .blocks_collected
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    done.push(raw);
                 }
             }
+            done
         })
-        .await;
+        .await
+        .unwrap_or_default();
+        if collected.is_empty() {
+            continue;
+        }
         let done = GcDoneRequest {
             node_id,
-            hashes: r.hashes,
+            hashes: collected,
         };
         if let Err(e) = meta
             .call("gc done", |mut c| {

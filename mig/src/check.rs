@@ -113,6 +113,12 @@ fn threads(pid: Pid, out: &mut Vec<String>) -> std::io::Result<()> {
         {
             out.push(format!("thread {tid} is ptraced by {tracer}"));
         }
+        // Processes move one at a time: a child would stay behind and the
+        // moved parent could no longer wait for it.
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"));
+        for child in children.unwrap_or_default().split_whitespace() {
+            out.push(format!("child process {child} would not move with it"));
+        }
     }
     Ok(())
 }

@@ -78,7 +78,7 @@ pub fn freeze(pid: Pid, timeout: Duration) -> Result<Frozen, FreezeError> {
             seized.push(tid);
         }
         for tid in seized {
-            if let Some(t) = wait_stopped(pid, tid, deadline)? {
+            if let Some(t) = wait_stopped(pid, tid, deadline, timeout)? {
                 frozen.threads.push(t);
             }
         }
@@ -100,6 +100,7 @@ fn wait_stopped(
     pid: Pid,
     tid: Pid,
     deadline: Instant,
+    timeout: Duration,
 ) -> Result<Option<FrozenThread>, FreezeError> {
     let (p, t) = (pid.as_raw(), tid.as_raw());
     let mut held = Vec::new();
@@ -151,7 +152,7 @@ fn wait_stopped(
                 return Err(FreezeError::Timeout {
                     pid: p,
                     tid: t,
-                    ms: 0,
+                    ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                     state,
                 });
             }

@@ -690,10 +690,23 @@ fn vdso_clocks_keep_working_at_the_same_address() {
     if !require_ptrace() {
         return;
     }
+    vdso_clocks_keep_working_at_the_same_address_(false);
+}
+
+#[test]
+fn static_binary_vdso_clocks_keep_working() {
+    if !require_ptrace() {
+        return;
+    }
+    vdso_clocks_keep_working_at_the_same_address_(true);
+}
+
+/// The vDSO test, for a dynamic or a static binary.
+fn vdso_clocks_keep_working_at_the_same_address_(static_: bool) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("clock.txt");
     let img = dir.path().join("img");
-    let bin = prog("ckpt_clock", false);
+    let bin = prog("ckpt_clock", static_);
     let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
     wait_lines_text(&out, 10);
     let vdso = |pid: i32| {
@@ -739,10 +752,23 @@ fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_creat
     if !require_ptrace() {
         return;
     }
+    threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_created_(false);
+}
+
+#[test]
+fn static_binary_threads_keep_tls_rseq_robust_lists_and_can_be_created() {
+    if !require_ptrace() {
+        return;
+    }
+    threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_created_(true);
+}
+
+/// The threads test, for a dynamic or a static binary.
+fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_created_(static_: bool) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("threads.txt");
     let img = dir.path().join("img");
-    let bin = prog("ckpt_threads", false);
+    let bin = prog("ckpt_threads", static_);
     let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
     wait_lines_text(&out, 60);
     let tids = |pid: i32| crate_tids(pid);
@@ -1390,4 +1416,45 @@ fn fcntl_lock_on_migfs_stays_held_by_the_process_across_nodes() {
         p3.contains("rc=0 "),
         "the lock should be free once the restored process is gone: {p3}"
     );
+}
+
+#[test]
+fn a_non_root_process_gets_exactly_its_credentials_back() {
+    if !require_ptrace() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let bin = dir.path().join("counter");
+    fs::copy(prog("ckpt_counter", false), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.path().join("count.txt");
+    let img = dir.path().join("img");
+    let setpriv = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let mut argv: Vec<&str> = setpriv.to_vec();
+    argv.extend([bin.to_str().unwrap(), out.to_str().unwrap()]);
+    let mut p = Proc::start(&argv);
+    wait_lines(&out, 5, 5000);
+    let creds = |p: &Proc| {
+        [
+            "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+        ]
+        .map(|k| p.status_field(k))
+    };
+    let before = creds(&p);
+    assert!(before[0].starts_with("65534"), "{before:?}");
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let n = numbers(&out).len();
+    let r = restore(&img, &[]);
+    wait_lines(&out, n + 5, 5000);
+    assert_eq!(creds(&r), before, "credentials differ after restore");
+    drop(r);
+    assert_sequence(&out);
 }

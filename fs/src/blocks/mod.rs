@@ -96,12 +96,12 @@ impl BlockStore {
         }
     }
 
-    /// Fetches the node list from the metadata server (at most twice a
-    /// second), so a node that just joined gets replicas at once.
+    /// Fetches the node list from the metadata server (at most every 50 ms,
+    /// so a node that just joined gets replicas at once.
     pub async fn refresh_peers(&self) {
         {
             let mut last = self.peers_fetched.lock();
-            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(50)) {
                 return;
             }
             *last = Some(std::time::Instant::now());

@@ -337,10 +337,36 @@ impl DataCtx {
             }
             notified.await;
         }
-        self.commit(fd).await?;
-        match fd.st.lock().error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
+        // After a failed upload, publish the blocks that did arrive but not
+        // the grown size: the file must not gain a hole where the lost
+        // bytes were.
+        let failed = {
+            let mut st = fd.st.lock();
+            let failed = st.error.is_some();
+            if failed {
+                st.grown = false;
+            }
+            failed
+        };
+        let committed = self.commit(fd).await;
+        if failed {
+            // This node's idea of the size goes back to what was published.
+            let ino = fd.ino;
+            let attr = self
+                .meta
+                .call("getattr", |mut c| async move {
+                    c.get_attr(migfs_proto::meta::InoRequest { ino }).await
+                })
+                .await;
+            if let Ok(a) = attr {
+                fd.st.lock().size = a.size;
+                self.cache.put_attr(&a);
+            }
+        }
+        let mut st = fd.st.lock();
+        match (st.error.take(), committed) {
+            (Some(e), _) | (None, Err(e)) => Err(e),
+            (None, Ok(())) => Ok(()),
         }
     }
 

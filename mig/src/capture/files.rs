@@ -109,6 +109,8 @@ impl FileCtx {
             content_blake3: Vec::new(),
             hashed: false,
             rdev: meta.rdev(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
         };
         if hash && meta.is_file() && meta.size() <= self.hash_limit {
             let key = key(&meta);

@@ -5,7 +5,7 @@ use migfs_proto::image::{Creds, FileRef, Process, Rlimit};
 use nix::unistd::Pid;
 
 use crate::error::CaptureError;
-use crate::sys::{procfs, task};
+use crate::sys::procfs;
 
 /// `RLIMIT_NLIMITS`.
 const NLIMITS: u32 = 16;
@@ -19,15 +19,19 @@ pub fn process(pid: Pid, cwd: FileRef, exe: FileRef) -> Result<Process, CaptureE
         source,
     })?;
     let field = |k: &str| st.get(k).cloned().unwrap_or_default();
-    let mut rlimits = Vec::new();
-    for resource in 0..NLIMITS {
-        let (cur, max) = task::get_rlimit(pid, resource).map_err(|errno| CaptureError::Sys {
+    // /proc/PID/limits, not prlimit(): reading another user's limits with
+    // prlimit needs CAP_SYS_RESOURCE.
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).map_err(|source| {
+        CaptureError::Io {
             pid: p,
-            what: format!("prlimit({resource})"),
-            errno,
-        })?;
-        rlimits.push(Rlimit { resource, cur, max });
-    }
+            what: "limits".into(),
+            source,
+        }
+    })?;
+    let rlimits = parse_limits(&text).ok_or_else(|| CaptureError::Unsupported {
+        pid: p,
+        what: format!("cannot read /proc/{pid}/limits: {text:?}"),
+    })?;
     let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
         .ok()
         .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
@@ -51,6 +55,32 @@ pub fn process(pid: Pid, cwd: FileRef, exe: FileRef) -> Result<Process, CaptureE
     })
 }
 
+/// `/proc/PID/limits`: a header, then one line per resource in
+/// RLIMIT_* order, the name in a 26-column field, then soft and hard.
+pub fn parse_limits(text: &str) -> Option<Vec<Rlimit>> {
+    let value = |v: &str| {
+        if v == "unlimited" {
+            Some(u64::MAX)
+        } else {
+            v.parse().ok()
+        }
+    };
+    let out: Option<Vec<Rlimit>> = text
+        .lines()
+        .skip(1)
+        .zip(0..NLIMITS)
+        .map(|(line, resource)| {
+            let mut f = line.get(26..)?.split_whitespace();
+            Some(Rlimit {
+                resource,
+                cur: value(f.next()?)?,
+                max: value(f.next()?)?,
+            })
+        })
+        .collect();
+    out.filter(|v| v.len() == NLIMITS as usize)
+}
+
 /// The credentials in a /proc status map.
 pub fn creds_of(st: &std::collections::HashMap<String, String>) -> Creds {
     let field = |k: &str| st.get(k).cloned().unwrap_or_default();
@@ -70,5 +100,18 @@ pub fn creds_of(st: &std::collections::HashMap<String, String>) -> Creds {
         cap_eff: hex("CapEff"),
         cap_bnd: hex("CapBnd"),
         cap_amb: hex("CapAmb"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_own_limits_like_prlimit() {
+        let text = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let got = super::parse_limits(&text).unwrap();
+        for l in got {
+            let want = crate::sys::task::get_rlimit(nix::unistd::getpid(), l.resource).unwrap();
+            assert_eq!((l.cur, l.max), want, "resource {}", l.resource);
+        }
     }
 }
