@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # See migfs work in one command (as root, with /dev/fuse): builds the
 # `migfs` binary, starts a 2-node cluster on this machine, writes a file on
-# n1, reads it back on n2, and tears everything down on exit.
+# n1 and reads it back on n2, then moves a running counter process from n1
+# to n2 with its open file intact (checkpoint on n1, restore on n2), and
+# tears everything down on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +18,7 @@ step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 
 step "building migfs"
 cargo build --bin migfs
-migfs="${CARGO_TARGET_DIR:-target}/debug/migfs"
+migfs="$(realpath "${CARGO_TARGET_DIR:-target}/debug/migfs")"
 
 dir="$(mktemp -d /tmp/migfs-demo.XXXXXX)"
 cleanup() {
@@ -38,9 +40,34 @@ step "n2 reads it back"
 printf 'n2 reads: %s\n' "$(cluster exec n2 -- cat /migfs/hello.txt)"
 printf 'host sees it at %s\n' "$(cluster path n2 hello.txt)"
 
-# --- process migration goes here (once `migfs-move` works): start a
-# --- counter on n1 with `cluster exec --detach n1 -- ...`, move it with
-# --- `cluster exec n1 -- migfs-move <pid> n2`, and show it counting on n2.
+step "n1 starts a counter that appends to /migfs/counter.txt through an open descriptor"
+pid=$(cluster exec --detach n1 -- python3 -c '
+import time
+f = open("/migfs/counter.txt", "a", buffering=1)
+i = 0
+while True:
+    i += 1
+    f.write(f"{i}\n")
+    time.sleep(0.05)
+')
+sleep 1
+printf 'counter runs on n1 as pid %s; last line: %s\n' "$pid" "$(tail -1 "$(cluster path n1 counter.txt)")"
+
+step "move it: checkpoint on n1 (image on /migfs), restore on n2"
+cluster exec n1 -- "$migfs" checkpoint --check "$pid"
+cluster exec n1 -- "$migfs" checkpoint "$pid" --to /migfs/counter.img
+newpid=$(cluster exec n2 -- "$migfs" restore --from /migfs/counter.img)
+sleep 1
+printf 'counter now runs on n2 as pid %s, its descriptor 3: %s\n' "$newpid" \
+  "$(cluster exec n2 -- readlink "/proc/$newpid/fd/3")"
+python3 - "$(cluster path n2 counter.txt)" <<'PY'
+import sys
+n = [int(x) for x in open(sys.argv[1])]
+breaks = [i for i in range(1, len(n)) if n[i] != n[i - 1] + 1]
+print(f"{len(n)} lines, counting 1..{n[-1]}: " + ("no gap, no duplicate" if not breaks else f"BROKEN at {breaks[:5]}"))
+sys.exit(1 if breaks else 0)
+PY
+cluster exec n2 -- kill "$newpid"
 
 step "status"
 cluster status

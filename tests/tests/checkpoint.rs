@@ -1331,8 +1331,10 @@ fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
         &[quiet.to_str().unwrap(), "/migfs/gone.txt", "unlink"],
     )
     .to_string();
+    // Empty until the program has set up fd 7 (polled below).
     let lines = |node: &str, pid: &str| -> Vec<u64> {
-        on(&c, node, &["cat", &format!("/proc/{pid}/fd/7")])
+        let o = c.exec(node, &["cat", &format!("/proc/{pid}/fd/7")]);
+        String::from_utf8_lossy(&o.stdout)
             .lines()
             .filter_map(|l| l.parse().ok())
             .collect()

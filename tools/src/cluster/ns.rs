@@ -253,6 +253,9 @@ fn spawn_detached(
     let pid = fork(Box::new(move || {
         let Some(mut w) = w.take() else { return 1 };
         let _ = nix::unistd::setsid();
+        // Only stdio reaches the command (a stray inherited descriptor
+        // would also make the process unmovable).
+        let _ = sys::cloexec_from_3();
         let msg = match cmd.spawn() {
             Ok(child) => child.id().to_string(),
             Err(e) => format!(
