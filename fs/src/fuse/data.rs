@@ -74,8 +74,8 @@ pub struct FileData {
     commit_lock: tokio::sync::Mutex<()>,
 }
 
-/// What the data path needs from the node.
-#[derive(Debug)]
+/// What the data path needs from the node (cheap to clone: handles only).
+#[derive(Debug, Clone)]
 pub struct DataCtx {
     /// Metadata server.
     pub meta: Arc<Meta>,
@@ -256,13 +256,9 @@ impl DataCtx {
     async fn spawn_upload(&self, fd: &Arc<FileData>, blocks: Vec<(u64, u64, Bytes)>) {
         let n = u32::try_from(blocks.len()).unwrap_or(u32::MAX);
         let permit = Arc::clone(&self.upload_slots).acquire_many_owned(n).await;
+        let ctx = self.clone();
         let store = Arc::clone(&self.blocks);
-        let meta = Arc::clone(&self.meta);
         let fd = Arc::clone(fd);
-        let bs = self.block_size;
-        let slots = Arc::clone(&self.upload_slots);
-        let cache = Arc::clone(&self.cache);
-        let fsync_blocks = self.fsync_blocks;
         tokio::spawn(async move {
             let hashed: Vec<(u64, u64, BlockHash, Bytes)> = blocks
                 .into_iter()
@@ -300,19 +296,9 @@ impl DataCtx {
                 st.pending.len() >= COMMIT_BATCH
             };
             fd.uploaded.notify_waiters();
-            if commit_now {
-                let ctx = DataCtx {
-                    meta,
-                    blocks: store,
-                    block_size: bs,
-                    upload_slots: slots,
-                    cache,
-                    fsync_blocks,
-                };
-                if let Err(e) = ctx.commit(&fd).await {
-                    tracing::warn!(ino = fd.ino, error = %e, "background commit failed");
-                    fd.st.lock().error.get_or_insert(e);
-                }
+            if commit_now && let Err(e) = ctx.commit(&fd).await {
+                tracing::warn!(ino = fd.ino, error = %e, "background commit failed");
+                fd.st.lock().error.get_or_insert(e);
             }
         });
     }
