@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/migfs/meta/v1/meta.proto",
         "proto/migfs/block/v1/block.proto",
         "proto/migfs/image/v1/image.proto",
+        "proto/migfs/agent/v1/agent.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
@@ -13,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".migfs.block.v1.Block.data")
         .bytes(".migfs.block.v1.GetBlockReply.data")
+        .bytes(".migfs.agent.v1.FetchReply.data")
+        .bytes(".migfs.agent.v1.PageRun.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -62,6 +62,45 @@ pub struct NodeConfig {
     pub ready_file: Option<PathBuf>,
 }
 
+/// Who this node is, for the services it hosts beside the block store
+/// (the migration agent, which lives in another crate).
+#[derive(Clone)]
+pub struct NodeIdentity {
+    /// Node name.
+    pub name: String,
+    /// Node id the metadata server gave.
+    pub node_id: u64,
+    /// The node's current session (it changes when the node re-registers).
+    pub session: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Address of the node's services.
+    pub listen: SocketAddr,
+    /// Mount point.
+    pub mount: PathBuf,
+    /// Data directory.
+    pub data: PathBuf,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("name", &self.name)
+            .field("node_id", &self.node_id)
+            .field("session", &(self.session)())
+            .finish()
+    }
+}
+
+/// Adds services to the node's routes (which hold the block service) and
+/// returns them with lines for `/.migfs/stats` (e.g. where the agent's
+/// local socket is).
+pub type ServicesHook = Box<
+    dyn FnOnce(
+            NodeIdentity,
+            tonic::service::Routes,
+        ) -> (tonic::service::Routes, Vec<(String, String)>)
+        + Send,
+>;
+
 /// Registration results the loops need.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
@@ -69,7 +108,11 @@ struct Lease {
 }
 
 /// Runs the node until `shutdown` completes or the mount goes away.
-pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    cfg: NodeConfig,
+    services: Option<ServicesHook>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let store = LocalStore::open(&cfg.data)?;
     let meta = Arc::new(Meta::new(
         &cfg.meta_url,
@@ -95,10 +138,26 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut srv_stop = stop_rx.clone();
+    let mut routes = tonic::service::Routes::new(svc);
+    let mut info = Vec::new();
+    if let Some(hook) = services {
+        let m = Arc::clone(&meta);
+        (routes, info) = hook(
+            NodeIdentity {
+                name: cfg.name.clone(),
+                node_id: blocks.node_id(),
+                session: Arc::new(move || m.session()),
+                listen: cfg.listen,
+                mount: cfg.mount.clone(),
+                data: cfg.data.clone(),
+            },
+            routes,
+        );
+    }
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .add_service(svc)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 async move {
@@ -114,7 +173,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         cache: Arc::new(crate::cache::MetaCache::new(cfg.cache_ttl)),
         fsync_blocks: cfg.fsync_blocks,
     };
-    let shared = Arc::new(Shared::new(data, cfg.ttls));
+    let mut shared = Shared::new(data, cfg.ttls);
+    shared.info = info;
+    let shared = Arc::new(shared);
     let fuse_done = mount_fuse(&cfg, &shared)?;
     tracing::info!(node = %cfg.name, mount = %cfg.mount.display(), listen = %cfg.listen, "node ready");
     if let Some(f) = &cfg.ready_file {

@@ -112,6 +112,7 @@ pub(crate) mod e {
         eopnotsupp => libc::EOPNOTSUPP,
         efbig => libc::EFBIG,
         emlink => libc::EMLINK,
+        ebusy => libc::EBUSY,
     }
 }
 

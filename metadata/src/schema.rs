@@ -54,11 +54,13 @@ pub enum Tree {
     NodeNames,
     /// Format version, cluster constants, counters.
     Meta,
+    /// task id → `TaskInfo` (protobuf): global names of processes.
+    Tasks,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 16] = [
+    pub const ALL: [Tree; 17] = [
         Tree::Inodes,
         Tree::Dentries,
         Tree::DirOrder,
@@ -75,6 +77,7 @@ impl Tree {
         Tree::Nodes,
         Tree::NodeNames,
         Tree::Meta,
+        Tree::Tasks,
     ];
 
     /// The tree's name in the store.
@@ -96,6 +99,7 @@ impl Tree {
             Tree::Nodes => "nodes",
             Tree::NodeNames => "nodenames",
             Tree::Meta => "meta",
+            Tree::Tasks => "tasks",
         }
     }
 
@@ -591,6 +595,9 @@ pub struct LockRec {
     pub end: u64,
     /// pid reported by F_GETLK.
     pub pid: u32,
+    /// Handed over by a migration: `session` holds it for process `pid`,
+    /// which takes it (becoming `owner`) with its first lock request.
+    pub pending: bool,
 }
 
 /// Encodes a `locks` value.
@@ -600,7 +607,7 @@ pub fn encode_locks(locks: &[LockRec]) -> Vec<u8> {
         e = e
             .u64(l.session)
             .u64(l.owner)
-            .u8(u8::from(l.flock))
+            .u8(u8::from(l.flock) | (u8::from(l.pending) << 1))
             .u8(l.typ)
             .u64(l.start)
             .u64(l.end)
@@ -615,10 +622,14 @@ pub fn decode_locks(v: &[u8]) -> Result<Vec<LockRec>> {
     let n = d.u32()?;
     let mut out = Vec::with_capacity(n.min(1024) as usize);
     for _ in 0..n {
+        let session = d.u64()?;
+        let owner = d.u64()?;
+        let bits = d.u8()?;
         out.push(LockRec {
-            session: d.u64()?,
-            owner: d.u64()?,
-            flock: d.u8()? != 0,
+            session,
+            owner,
+            flock: bits & 1 != 0,
+            pending: bits & 2 != 0,
             typ: d.u8()?,
             start: d.u64()?,
             end: d.u64()?,
@@ -706,8 +717,14 @@ mod tests {
             start: 0,
             end: u64::MAX,
             pid: 9,
+            pending: false,
         };
-        assert_eq!(decode_locks(&encode_locks(&[l, l])).unwrap(), vec![l, l]);
+        let p = LockRec {
+            pending: true,
+            flock: false,
+            ..l
+        };
+        assert_eq!(decode_locks(&encode_locks(&[l, p])).unwrap(), vec![l, p]);
     }
 
     #[test]

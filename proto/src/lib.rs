@@ -6,6 +6,7 @@
 //! - [`meta`]: the metadata service (namespace, block maps, sessions, locks).
 //! - [`block`]: the block service each node serves from its block store.
 //! - [`image`]: the checkpoint image of a process (`migfs checkpoint`).
+//! - [`agent`]: the migration agent and page server on every node.
 //! - [`ids`]: `Ino`, `NodeId`, `SessionId`, `BlockHash`.
 //! - [`errno`]: carrying a POSIX errno inside a `tonic::Status`.
 //! - [`auth`]: the cluster secret, presented on every call and checked.
@@ -31,6 +32,12 @@ pub mod block {
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod image {
     tonic::include_proto!("migfs.image.v1");
+}
+
+/// The migration agent and page server, `migfs.agent.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod agent {
+    tonic::include_proto!("migfs.agent.v1");
 }
 
 /// Largest gRPC message either side accepts (block batches, block maps).

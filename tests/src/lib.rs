@@ -7,5 +7,6 @@
 #![warn(missing_docs)]
 
 pub mod harness;
+pub mod progs;
 
 pub use harness::{Cluster, require_priv};

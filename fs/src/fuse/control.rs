@@ -125,6 +125,9 @@ pub fn read(sh: &Shared, ino: u64) -> Vec<u8> {
     for (k, v) in rows {
         out.push_str(&format!("{k} {}\n", v.load(Ordering::Relaxed)));
     }
+    for (k, v) in &sh.info {
+        out.push_str(&format!("{k} {v}\n"));
+    }
     out.into_bytes()
 }
 

@@ -64,6 +64,8 @@ pub struct Shared {
     /// dropped at close (FUSE flush), since the kernel does not track
     /// locks a FUSE filesystem manages itself.
     locked: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// Extra `name value` lines of `/.migfs/stats` (node name, agent socket).
+    pub info: Vec<(String, String)>,
 }
 
 impl Shared {
@@ -78,6 +80,7 @@ impl Shared {
             notifier: OnceLock::new(),
             ttls,
             locked: Mutex::new(std::collections::HashSet::new()),
+            info: Vec::new(),
         }
     }
 

@@ -108,7 +108,8 @@ pub fn set(t: &mut Txn<'_>, req: &LockReq) -> Result<bool> {
     req.check(true)?;
     inode(t, req.ino)?;
     sessions::session(t, req.session)?;
-    let all = load(t, req.ino)?;
+    let mut all = load(t, req.ino)?;
+    claim(&mut all, req);
     if req.typ != F_UNLCK && all.iter().any(|l| req.conflicts_with(l)) {
         return Ok(false);
     }
@@ -138,6 +139,7 @@ fn record(req: &LockReq, start: u64, end: u64) -> LockRec {
         start,
         end,
         pid: req.pid,
+        pending: false,
     }
 }
 
@@ -183,6 +185,98 @@ fn set_posix(mine: Vec<LockRec>, req: &LockReq) -> Vec<LockRec> {
     merged
 }
 
+/// A migrated process's first lock request takes the locks handed over
+/// to it: they become the request owner's.
+fn claim(all: &mut [LockRec], req: &LockReq) {
+    for l in all.iter_mut() {
+        if l.pending && l.session == req.session && l.pid == req.pid && l.flock == req.flock {
+            l.pending = false;
+            l.owner = req.owner;
+        }
+    }
+}
+
+/// Owner of a handed-over lock until it is claimed (no kernel lock owner
+/// is 0).
+const PENDING_OWNER: u64 = 0;
+
+/// A lock as [`move_locks`] returns it and [`return_locks`] takes it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// The file.
+    pub ino: u64,
+    /// The lock as it was in the source session.
+    pub rec: LockRec,
+}
+
+/// Hands every fcntl lock process `from_pid` holds in `from` to session
+/// `to`, pending until process `to_pid` there claims it (its first lock
+/// request on the inode, normally the restore taking it again). Returns the
+/// locks as they were, for [`return_locks`].
+pub fn move_locks(
+    t: &mut Txn<'_>,
+    from: u64,
+    from_pid: u32,
+    to: u64,
+    to_pid: u32,
+) -> Result<Vec<Held>> {
+    sessions::session(t, from)?;
+    sessions::session(t, to)?;
+    let (start, end) = schema::prefix_range(from);
+    let inos: Vec<u64> = t
+        .scan(Tree::SessLocks, &start, end.as_deref(), usize::MAX)?
+        .iter()
+        .map(|(k, _)| schema::key_pair(k, Tree::SessLocks).map(|(_, ino)| ino))
+        .collect::<Result<_>>()?;
+    let mut moved = Vec::new();
+    for ino in inos {
+        let mut all = load(t, ino)?;
+        let mut touched = false;
+        for l in &mut all {
+            if l.session == from && l.pid == from_pid && !l.flock && !l.pending {
+                moved.push(Held { ino, rec: *l });
+                l.session = to;
+                l.owner = PENDING_OWNER;
+                l.pid = to_pid;
+                l.pending = true;
+                touched = true;
+            }
+        }
+        if touched {
+            store(t, ino, from, all.clone());
+            store(t, ino, to, all);
+        }
+    }
+    Ok(moved)
+}
+
+/// Undoes [`move_locks`]: whatever session `to` holds for `to_pid` on the
+/// inodes of `held` (pending or already claimed) is dropped and `held`
+/// comes back as it was.
+pub fn return_locks(t: &mut Txn<'_>, to: u64, to_pid: u32, held: &[Held]) -> Result<()> {
+    let mut inos: Vec<u64> = held.iter().map(|h| h.ino).collect();
+    inos.sort_unstable();
+    inos.dedup();
+    for ino in inos {
+        let mut all: Vec<LockRec> = load(t, ino)?
+            .into_iter()
+            .filter(|l| !(l.session == to && l.pid == to_pid && !l.flock))
+            .collect();
+        let back: Vec<LockRec> = held
+            .iter()
+            .filter(|h| h.ino == ino)
+            .map(|h| h.rec)
+            .collect();
+        let from: Vec<u64> = back.iter().map(|l| l.session).collect();
+        all.extend(back);
+        for s in from {
+            store(t, ino, s, all.clone());
+        }
+        store(t, ino, to, all);
+    }
+    Ok(())
+}
+
 /// Drops every lock session `sid` holds on `ino`.
 pub fn drop_session(t: &mut Txn<'_>, ino: u64, sid: u64) -> Result<()> {
     let all = load(t, ino)?;
@@ -206,6 +300,33 @@ mod tests {
             pid: 7,
             flock: false,
         }
+    }
+
+    #[test]
+    fn a_pending_lock_is_claimed_by_its_pid_only() {
+        let mut all = vec![LockRec {
+            session: 1,
+            owner: PENDING_OWNER,
+            flock: false,
+            typ: 1,
+            start: 0,
+            end: 9,
+            pid: 7,
+            pending: true,
+        }];
+        let other_pid = LockReq {
+            pid: 8,
+            owner: 3,
+            ..req(0, 9, F_WRLCK)
+        };
+        claim(&mut all, &other_pid);
+        assert!(all[0].pending && other_pid.conflicts_with(&all[0]));
+        let me = LockReq {
+            owner: 3,
+            ..req(0, 9, F_WRLCK)
+        };
+        claim(&mut all, &me);
+        assert!(!all[0].pending && all[0].owner == 3 && !me.conflicts_with(&all[0]));
     }
 
     fn ranges(v: &[LockRec]) -> Vec<(u64, u64, u8)> {

@@ -14,6 +14,7 @@ pub mod locks;
 pub mod namei;
 pub mod rename;
 pub mod sessions;
+pub mod tasks;
 pub mod txn;
 pub mod xattr;
 

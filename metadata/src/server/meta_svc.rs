@@ -12,7 +12,9 @@ use tracing::instrument;
 use super::watch;
 use crate::db::MetaDb;
 use crate::error::{MetaError, Result, e};
-use crate::ops::{self, Txn, attr::to_attr, blocks, gc, locks, namei, rename, sessions, xattr};
+use crate::ops::{
+    self, Txn, attr::to_attr, blocks, gc, locks, namei, rename, sessions, tasks, xattr,
+};
 use crate::store::MetaStore;
 
 /// Largest ReadDir page.
@@ -518,4 +520,119 @@ impl Meta for MetaService {
         })
         .await
     }
+
+    #[instrument(level = "debug", skip_all, fields(from = req.get_ref().from_session, to = req.get_ref().to_session))]
+    async fn move_locks(&self, req: Request<pb::MoveLocksRequest>) -> Reply<pb::MoveLocksReply> {
+        let r = req.into_inner();
+        let res = self
+            .write(r.to_session, move |t| {
+                locks::move_locks(t, r.from_session, r.from_pid, r.to_session, r.to_pid)
+            })
+            .await;
+        finish(res.map(|held| pb::MoveLocksReply {
+            moved: held.iter().map(held_to_pb).collect(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(to = req.get_ref().to_session))]
+    async fn return_locks(&self, req: Request<pb::ReturnLocksRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        let held: Vec<locks::Held> = r.locks.iter().map(held_from_pb).collect::<Result<_>>()?;
+        self.empty_write(r.to_session, move |t| {
+            locks::return_locks(t, r.to_session, r.to_pid, &held)
+        })
+        .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(node = req.get_ref().node_id, pid = req.get_ref().pid))]
+    async fn task_create(&self, req: Request<pb::TaskCreateRequest>) -> Reply<pb::TaskInfo> {
+        let r = req.into_inner();
+        let res = self
+            .write(0, move |t| {
+                tasks::create(t, r.node_id, r.pid, r.cmd, r.home_node, r.pinned)
+            })
+            .await;
+        finish(res)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task = req.get_ref().task_id))]
+    async fn task_get(&self, req: Request<pb::TaskGetRequest>) -> Reply<pb::TaskInfo> {
+        let id = req.into_inner().task_id;
+        finish(self.read(move |s| tasks::get(s, id)).await)
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn task_list(&self, req: Request<pb::TaskListRequest>) -> Reply<pb::TaskListReply> {
+        let all = req.into_inner().include_exited;
+        let res = self.read(move |s| tasks::list(s, all)).await;
+        finish(res.map(|tasks| pb::TaskListReply { tasks }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task = req.get_ref().task_id, to = req.get_ref().to_node))]
+    async fn task_begin_move(&self, req: Request<pb::TaskBeginMoveRequest>) -> Reply<pb::TaskInfo> {
+        let r = req.into_inner();
+        let res = self
+            .write(0, move |t| {
+                tasks::begin_move(t, r.task_id, r.from_node, r.pid, r.to_node)
+            })
+            .await;
+        finish(res)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task = req.get_ref().task_id, commit = req.get_ref().commit))]
+    async fn task_end_move(&self, req: Request<pb::TaskEndMoveRequest>) -> Reply<pb::TaskInfo> {
+        let r = req.into_inner();
+        let res = self
+            .write(0, move |t| {
+                tasks::end_move(t, r.task_id, r.commit, r.to_node, r.new_pid)
+            })
+            .await;
+        finish(res)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task = req.get_ref().task_id))]
+    async fn task_exited(&self, req: Request<pb::TaskExitedRequest>) -> Reply<pb::TaskInfo> {
+        let r = req.into_inner();
+        let res = self
+            .write(0, move |t| {
+                tasks::exited(t, r.task_id, r.node_id, r.pid, r.exit_code)
+            })
+            .await;
+        finish(res)
+    }
+}
+
+fn held_to_pb(h: &locks::Held) -> pb::HeldLock {
+    pb::HeldLock {
+        ino: h.ino,
+        session_id: h.rec.session,
+        owner: h.rec.owner,
+        start: h.rec.start,
+        end: h.rec.end,
+        typ: i32::from(h.rec.typ),
+        pid: h.rec.pid,
+    }
+}
+
+fn held_from_pb(h: &pb::HeldLock) -> Result<locks::Held> {
+    let typ = u8::try_from(h.typ)
+        .ok()
+        .filter(|t| i32::from(*t) == locks::F_RDLCK || i32::from(*t) == locks::F_WRLCK)
+        .ok_or_else(|| e::einval(format!("lock type {}", h.typ)))?;
+    if h.owner == 0 || h.start > h.end {
+        return Err(e::einval("a returned lock needs an owner and a range"));
+    }
+    Ok(locks::Held {
+        ino: ino(h.ino)?,
+        rec: crate::schema::LockRec {
+            session: h.session_id,
+            owner: h.owner,
+            flock: false,
+            typ,
+            start: h.start,
+            end: h.end,
+            pid: h.pid,
+            pending: false,
+        },
+    })
 }

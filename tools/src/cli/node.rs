@@ -95,7 +95,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .thread_name("migfs-node")
         .build()
         .context("start the async runtime")?;
-    rt.block_on(run_node(cfg, crate::cli::shutdown_signal()))
+    rt.block_on(run_node(cfg, None, crate::cli::shutdown_signal()))
         .context("node failed")?;
     Ok(ExitCode::SUCCESS)
 }

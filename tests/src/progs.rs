@@ -1,0 +1,95 @@
+//! Test programs (C sources in `tests/progs`, built with gcc once per test
+//! binary) and the checks the checkpoint and move tests share: counter
+//! files that must hold 0, 1, 2, ... with no gap and no duplicate.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::harness::output_text;
+
+/// Builds `tests/progs/<name>.c` (`-static` when `static_`) once per test
+/// binary; returns the binary.
+pub fn prog(name: &str, static_: bool) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = DIR.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("migfs-test-progs-")
+            .tempdir()
+            .expect("temp dir")
+    });
+    let out = dir.path().join(if static_ {
+        format!("{name}-static")
+    } else {
+        name.to_owned()
+    });
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !out.exists() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("progs")
+            .join(format!("{name}.c"));
+        let mut cmd = Command::new("gcc");
+        cmd.args(["-O1", "-Wall", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&src);
+        if static_ {
+            cmd.arg("-static");
+        }
+        let o = cmd.output().expect("run gcc");
+        assert!(
+            o.status.success(),
+            "gcc {}:\n{}",
+            src.display(),
+            output_text(&o)
+        );
+    }
+    out
+}
+
+/// The numbers, one per line, in `path`.
+pub fn numbers(path: &Path) -> Vec<u64> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+/// Waits up to `ms` for `cond`.
+pub fn within(ms: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// Waits up to `ms` until `path` holds at least `n` numbers.
+pub fn wait_lines(path: &Path, n: usize, ms: u64) {
+    assert!(
+        within(ms, || numbers(path).len() >= n),
+        "{} has {} lines, wanted {n}",
+        path.display(),
+        numbers(path).len()
+    );
+}
+
+/// `path` holds 0, 1, 2, ... with no gap and no duplicate.
+pub fn assert_sequence(path: &Path) {
+    let v = numbers(path);
+    for (i, &x) in v.iter().enumerate() {
+        assert_eq!(
+            x,
+            i as u64,
+            "{}: line {i} is {x} (gap or duplicate); around: {:?}",
+            path.display(),
+            &v[i.saturating_sub(3)..(i + 3).min(v.len())]
+        );
+    }
+}
