@@ -102,15 +102,18 @@ fn process_level(
 }
 
 fn threads(pid: Pid, out: &mut Vec<String>) -> std::io::Result<()> {
-    let me = nix::unistd::getpid().as_raw().to_string();
+    // The tracer may be any thread of ours (the agent freezes on a thread
+    // of its own).
+    let me = |t: &str| {
+        t.parse::<i32>().is_ok_and(|t| {
+            procfs::tasks(nix::unistd::getpid()).is_ok_and(|ts| ts.contains(&Pid::from_raw(t)))
+        })
+    };
     for tid in procfs::tasks(pid)? {
         let Ok(st) = procfs::status(&format!("{pid}/task/{tid}")) else {
             continue;
         };
-        if let Some(tracer) = st
-            .get("TracerPid")
-            .filter(|t| t.as_str() != "0" && **t != me)
-        {
+        if let Some(tracer) = st.get("TracerPid").filter(|t| t.as_str() != "0" && !me(t)) {
             out.push(format!("thread {tid} is ptraced by {tracer}"));
         }
         // Processes move one at a time: a child would stay behind and the

@@ -88,7 +88,7 @@ pub fn checkpoint(
 }
 
 /// Lets `frozen` run on, queueing again the signals it was taking.
-fn thaw(frozen: freeze::Frozen) {
+pub fn thaw(frozen: freeze::Frozen) {
     let pid = frozen.pid();
     let remote = procfs::maps(pid)
         .ok()

@@ -3,11 +3,14 @@
 //! image on this node or another one (docs/checkpoint-restore.md).
 //!
 //! # Layout
+//! - [`agent`]: the migration agent every node runs (moves, page server, tasks).
 //! - [`check`]: can this process be moved, and if not, what stops it.
 //! - [`freeze`]: PTRACE_SEIZE + PTRACE_INTERRUPT of every thread; thaw.
 //! - [`capture`]: registers, memory, files, signals → image.
 //! - [`checkpoint`]: check + freeze + capture + end (or thaw) in one call.
 //! - [`image`]: the image format (prost messages, blake3 per segment).
+//! - [`pages`]: lazy memory: the page reader of a frozen original and the
+//!   userfaultfd handler of its restored copy.
 //! - [`restore`]: rebuild a process by driving a stub with ptrace.
 //! - [`sys`]: the only place with `unsafe`: ptrace, clone3, memory, /proc.
 //! - [`error`]: [`MigError`] and its parts.
@@ -27,12 +30,15 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "agent")]
+pub mod agent;
 pub mod capture;
 pub mod check;
 pub mod checkpoint;
 pub mod error;
 pub mod freeze;
 pub mod image;
+pub mod pages;
 pub mod restore;
 pub mod sys;
 

@@ -39,6 +39,7 @@ pub fn capture_mm(
     ctx: &mut FileCtx,
     remote: &Remote,
     pages: &mut PagesWriter,
+    lazy_anon: bool,
 ) -> Result<(MemoryMap, MemStats), MigError> {
     let p = pid.as_raw();
     let io = |what: &str| {
@@ -60,6 +61,7 @@ pub fn capture_mm(
             .filter(|f| KEPT_FLAGS.contains(&f.as_str()))
             .cloned()
             .collect();
+        v.lazy = lazy_anon && crate::pages::is_lazy_kind(v.kind, v.shared, v.prot);
         if v.kind == VmaKind::VmaFile as i32
             && v.shared
             && m.prot & libc::PROT_WRITE as u32 != 0
@@ -146,6 +148,7 @@ fn vma(pid: Pid, m: &MapEntry, ctx: &mut FileCtx) -> Result<Vma, CaptureError> {
         file_offset: m.offset,
         name: m.path.clone(),
         vm_flags: Vec::new(),
+        lazy: false,
     })
 }
 
@@ -242,6 +245,7 @@ fn dump_pages(
     for v in vmas {
         if matches!(VmaKind::try_from(v.kind), Ok(VmaKind::VmaVdsoBlock))
             || (v.kind == VmaKind::VmaFile as i32 && v.shared)
+            || v.lazy
         {
             continue;
         }

@@ -31,12 +31,16 @@ use crate::sys::{procfs, xsave};
 pub struct CaptureOptions {
     /// Files up to this size get a content hash a restore checks.
     pub hash_limit: u64,
+    /// Leave private anonymous memory out of the image (marked `lazy`):
+    /// a migration sends it from the frozen original afterwards.
+    pub lazy_anon: bool,
 }
 
 impl Default for CaptureOptions {
     fn default() -> Self {
         CaptureOptions {
             hash_limit: 64 << 20,
+            lazy_anon: false,
         }
     }
 }
@@ -94,7 +98,7 @@ pub fn capture(
     let (cwd, exe) = files::cwd_and_exe(&mut ctx)?;
     let process = process::process(pid, cwd, exe)?;
     let mut pages = PagesWriter::create(dir)?;
-    let (mm, mem) = mm::capture_mm(pid, &maps, &mut ctx, &remote, &mut pages)?;
+    let (mm, mem) = mm::capture_mm(pid, &maps, &mut ctx, &remote, &mut pages, opts.lazy_anon)?;
     let xsave0 = &threads[0].xsave;
     let cpu = Cpu {
         xfeatures: xsave::xfeatures(xsave0).unwrap_or(0),

@@ -203,6 +203,11 @@ pub enum Call<'a> {
     },
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
     NoNewPrivs,
+    /// `userfaultfd(flags)`.
+    Userfaultfd {
+        /// O_CLOEXEC | O_NONBLOCK.
+        flags: u32,
+    },
     /// `setgroups`.
     SetGroups {
         /// Supplementary groups.

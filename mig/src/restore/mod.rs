@@ -38,8 +38,21 @@ pub struct RestoreOptions {
     pub require_pid: bool,
 }
 
+/// Called with the PID once the process is rebuilt, before it runs; an
+/// error destroys it (a move's commit point).
+pub type BeforeResume = Box<dyn FnOnce(i32) -> Result<(), String> + Send>;
+
+/// What a migration adds to a restore.
+#[derive(Default)]
+pub struct Extras {
+    /// Leave the image's lazy ranges to a userfaultfd handler.
+    pub lazy: Option<crate::pages::LazyConfig>,
+    /// Hold the rebuilt process until this says go.
+    pub before_resume: Option<BeforeResume>,
+}
+
 /// A restored process, running.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Restored {
     /// Its PID here.
     pub pid: i32,
@@ -53,11 +66,22 @@ pub struct Restored {
     pub memory: Duration,
     /// The whole restore.
     pub total: Duration,
+    /// The lazy memory still being filled (with [`Extras::lazy`]).
+    pub lazy: Option<crate::pages::LazyPages>,
 }
 
 /// Rebuilds the process whose image is in `dir` and lets it run.
-#[tracing::instrument(skip_all, fields(dir = %dir.display()))]
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
+    restore_with(dir, opts, Extras::default())
+}
+
+/// [`restore`] with lazy memory and a hold before the process runs.
+#[tracing::instrument(skip_all, fields(dir = %dir.display()))]
+pub fn restore_with(
+    dir: &Path,
+    opts: &RestoreOptions,
+    mut extras: Extras,
+) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let persist::ImageDir { image, pages } = persist::read_image(dir)
         .map_err(|e| RestoreError::new(Step::ReadImage, RestoreCause::Image(e)))?;
@@ -73,7 +97,15 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         .collect();
     let old = image.process.as_ref().map_or(0, |p| p.pid);
     let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid)?;
-    match rebuild(&mut stub, &image, &resolved, &pages, opts, &ours) {
+    match rebuild(
+        &mut stub,
+        &image,
+        &resolved,
+        &pages,
+        opts,
+        &ours,
+        &mut extras,
+    ) {
         Ok(stats) => {
             let pid = stub.release().map_err(|e| {
                 RestoreError::new(Step::Resume, files::cause("let it run".into(), e))
@@ -87,6 +119,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                 prepare,
                 memory: stats.memory,
                 total,
+                lazy: stats.lazy,
             })
         }
         Err(e) => {
@@ -97,12 +130,14 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
 }
 
 /// What [`rebuild`] did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct RebuildStats {
     /// Bytes of memory written.
     pub bytes: u64,
     /// Time spent mapping and writing memory.
     pub memory: Duration,
+    /// The lazy memory handler, when restoring lazily.
+    pub lazy: Option<crate::pages::LazyPages>,
 }
 
 /// Runs every restore step against `t`, in order.
@@ -113,12 +148,18 @@ pub fn rebuild<T: Target>(
     pages: &PagesReader,
     opts: &RestoreOptions,
     ours: &Creds,
+    extras: &mut Extras,
 ) -> Result<RebuildStats, RestoreError> {
     check_cpu(t, img)?;
     mm::place_vdso(t, img)?;
     let t0 = Instant::now();
     mm::map_memory(t, img, r)?;
     let bytes = mm::write_memory(t, img, pages)?;
+    // The kernel may touch lazy memory in any later step: handle faults now.
+    let lazy = match extras.lazy.take() {
+        Some(cfg) => Some(crate::pages::lazy::start(t, img, cfg)?),
+        None => None,
+    };
     mm::seal_memory(t, img)?;
     let memory = t0.elapsed();
     mm::mm_fields(t, img, r)?;
@@ -128,8 +169,15 @@ pub fn rebuild<T: Target>(
     let tids = state::threads(t, img, opts.require_pid)?;
     state::process_state(t, img)?;
     state::credentials(t, img, ours)?;
+    if let Some(hold) = extras.before_resume.take() {
+        hold(t.pid()).map_err(|why| refused(Step::Resume, why))?;
+    }
     state::resume(t, img, &tids)?;
-    Ok(RebuildStats { bytes, memory })
+    Ok(RebuildStats {
+        bytes,
+        memory,
+        lazy,
+    })
 }
 
 fn refused(step: Step, why: String) -> RestoreError {
@@ -380,6 +428,7 @@ mod tests {
             &d.pages,
             &RestoreOptions::default(),
             &ours,
+            &mut Extras::default(),
         )
     }
 
@@ -480,6 +529,7 @@ mod tests {
                 &img_dir.pages,
                 &RestoreOptions::default(),
                 &ours,
+                &mut Extras::default(),
             )
             .unwrap_err()
             .to_string();
@@ -516,6 +566,7 @@ mod tests {
             &d.pages,
             &RestoreOptions::default(),
             &Creds::default(),
+            &mut Extras::default(),
         )
         .unwrap_err()
         .to_string();

@@ -395,6 +395,9 @@ fn encode(call: &Call<'_>, s: u64) -> (i64, [u64; 6], Vec<u8>) {
             [persona.into(), 0, 0, 0, 0, 0],
             vec![],
         ),
+        Call::Userfaultfd { flags } => {
+            (libc::SYS_userfaultfd, [flags.into(), 0, 0, 0, 0, 0], vec![])
+        }
         Call::NoNewPrivs => (
             libc::SYS_prctl,
             [abi::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, 0],

@@ -11,7 +11,9 @@ pub mod inject;
 pub mod mem;
 pub mod procfs;
 pub mod ptrace;
+pub mod reap;
 pub mod task;
+pub mod uffd;
 pub mod vdso;
 pub mod xsave;
 

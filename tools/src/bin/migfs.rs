@@ -31,6 +31,12 @@ enum Cmd {
     Restore(cli::restore::Args),
     /// Benchmarks that print tables (`bench checkpoint`).
     Bench(cli::bench::Args),
+    /// Move a running process (PID here, or task id) to another node.
+    Move(cli::task::MoveArgs),
+    /// List the cluster's tasks.
+    Ps(cli::task::PsArgs),
+    /// Start a command as a task; its output comes here wherever it runs.
+    Run(cli::task::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,9 @@ fn main() -> ExitCode {
         Cmd::Checkpoint(a) => cli::checkpoint::run(a),
         Cmd::Restore(a) => cli::restore::run(a),
         Cmd::Bench(a) => cli::bench::run(a),
+        Cmd::Move(a) => cli::task::run_move(a),
+        Cmd::Ps(a) => cli::task::run_ps(a),
+        Cmd::Run(a) => cli::task::run_run(a),
     };
     match res {
         Ok(code) => code,

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod meta;
 pub mod node;
 pub mod restore;
+pub mod task;
 
 use std::path::Path;
 

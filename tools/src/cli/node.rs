@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use migfs_fs::fuse::Ttls;
-use migfs_fs::node::{NodeConfig, run as run_node};
+use migfs_fs::node::{NodeConfig, ServicesHook, run as run_node};
+use migfs_mig::agent::client::{NODE_KEY, SOCKET_KEY};
+use migfs_mig::agent::{Agent, AgentConfig};
 
 /// Mounts the filesystem, serves this node's block store, registers with
 /// the metadata server and heartbeats, until SIGINT or SIGTERM.
@@ -66,6 +68,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Duration::try_from_secs_f64(s)
             .with_context(|| format!("--{what} must be a non-negative number of seconds"))
     };
+    let agent_secret = secret.clone();
+    let meta_url = a.meta.clone();
     let cfg = NodeConfig {
         name: a.name,
         meta_url: a.meta,
@@ -95,7 +99,43 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .thread_name("migfs-node")
         .build()
         .context("start the async runtime")?;
-    rt.block_on(run_node(cfg, None, crate::cli::shutdown_signal()))
-        .context("node failed")?;
+    rt.block_on(run_node(
+        cfg,
+        Some(agent_hook(meta_url, agent_secret)),
+        crate::cli::shutdown_signal(),
+    ))
+    .context("node failed")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the migration agent beside the block service: on the node's
+/// address for other agents, on `<data>/agent.sock` for local clients.
+fn agent_hook(meta_url: String, secret: migfs_proto::auth::Secret) -> ServicesHook {
+    Box::new(move |id, routes| {
+        let cfg = AgentConfig {
+            name: id.name.clone(),
+            node_id: id.node_id,
+            session: id.session,
+            listen: id.listen,
+            work: id.data.join("agent"),
+            meta_url,
+            secret,
+        };
+        let socket = id.data.join("agent.sock");
+        let mut info = vec![(NODE_KEY.to_owned(), id.name.clone())];
+        match Agent::new(cfg) {
+            Ok(agent) => {
+                if let Err(e) = agent.serve_unix(&socket) {
+                    tracing::error!(error = %e, "the agent's local socket is not available");
+                } else {
+                    info.push((SOCKET_KEY.to_owned(), socket.display().to_string()));
+                }
+                (routes.add_service(agent.tcp_service()), info)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the migration agent did not start");
+                (routes, info)
+            }
+        }
+    })
 }

@@ -1,0 +1,628 @@
+//! The source side of a move (DESIGN "Migration", phases 1 to 7), run on
+//! one thread (ptrace binds a tracee to the thread that seized it):
+//!
+//! prepare (check, claim the task, ask the target) → freeze → capture
+//! (anonymous memory stays in the frozen process) → transfer (the image)
+//! → the target restores and holds the process → commit (the task table
+//! points at the target) → the target lets it run → drain (the page
+//! server answers faults and pushes the rest) → the frozen original is
+//! destroyed. Until commit, any failure thaws the original untouched.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use migfs_proto::agent::{self as pb, Mode, receive_event, receive_msg};
+use migfs_proto::meta::{
+    NodeInfo, TaskBeginMoveRequest, TaskCreateRequest, TaskEndMoveRequest, TaskGetRequest,
+    TaskInfo, TaskState,
+};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{AgentError, EventStream, Inner};
+use crate::capture::{self, CaptureOptions};
+use crate::freeze::{self, Frozen};
+use crate::image::format::{IMAGE_FILE, PAGES_FILE};
+use crate::pages::source::PageSource;
+
+/// Bytes per message when sending the image and pushing pages.
+const CHUNK: usize = 4 << 20;
+/// How long the source waits for the target to drain a lazy move.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+type Events = mpsc::Sender<Result<pb::MoveEvent, Status>>;
+
+/// A move this node is the source of: the page server's view of it.
+pub struct Serving {
+    pages: PageSource,
+    served_pages: AtomicU64,
+    served_bytes: AtomicU64,
+    done: Mutex<Option<std_mpsc::Sender<pb::DrainedRequest>>>,
+}
+
+impl Serving {
+    /// Memory of the frozen original (a fault on the target).
+    pub fn fetch(&self, addr: u64, len: u32) -> Result<Vec<u8>, Status> {
+        if len == 0 || len > 16 << 20 || !addr.is_multiple_of(4096) {
+            return Err(Status::invalid_argument(format!(
+                "bad page request {addr:#x}+{len}"
+            )));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.pages
+            .read(addr, &mut buf)
+            .map_err(|e| Status::internal(format!("read {addr:#x}+{len}: {e}")))?;
+        self.served_pages
+            .fetch_add(u64::from(len).div_ceil(4096), Ordering::Relaxed);
+        self.served_bytes
+            .fetch_add(u64::from(len), Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    /// Every present page of the original, in runs of at most [`CHUNK`].
+    pub fn push(self: Arc<Self>) -> EventStream<pb::PageRun> {
+        let (tx, rx) = mpsc::channel(4);
+        std::thread::spawn(move || {
+            let runs = match self.pages.present() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("pagemap: {e}"))));
+                    return;
+                }
+            };
+            for (start, end) in runs {
+                let mut at = start;
+                while at < end {
+                    let len = usize::try_from(end - at).unwrap_or(CHUNK).min(CHUNK);
+                    let mut data = vec![0u8; len];
+                    if let Err(e) = self.pages.read(at, &mut data) {
+                        let _ = tx.blocking_send(Err(Status::internal(format!(
+                            "read {at:#x}+{len}: {e}"
+                        ))));
+                        return;
+                    }
+                    self.served_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    let run = pb::PageRun {
+                        addr: at,
+                        data: data.into(),
+                    };
+                    if tx.blocking_send(Ok(run)).is_err() {
+                        return;
+                    }
+                    at += len as u64;
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+
+    /// The target has every page.
+    pub fn drained(&self, r: pb::DrainedRequest) {
+        if let Some(tx) = self.done.lock().take() {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// Checks the request, finds or names the task and starts the move on its
+/// own thread; the stream carries progress and the report. A task that
+/// runs on another node is moved by that node's agent.
+pub async fn start(
+    inner: Arc<Inner>,
+    r: pb::MoveRequest,
+) -> Result<EventStream<pb::MoveEvent>, AgentError> {
+    let task = if r.task_id != 0 {
+        let t = inner
+            .meta
+            .clone()
+            .task_get(TaskGetRequest { task_id: r.task_id })
+            .await
+            .map_err(|s| AgentError::rpc(format!("task {}", r.task_id), &s))?
+            .into_inner();
+        if t.state() == TaskState::TaskExited {
+            return Err(AgentError::Invalid(format!(
+                "task {} has exited",
+                t.task_id
+            )));
+        }
+        if t.node_id != inner.cfg.node_id {
+            return forward(&inner, &t, r).await;
+        }
+        t
+    } else {
+        if r.pid == 0 {
+            return Err(AgentError::Invalid("give a pid or a task id".into()));
+        }
+        local_task(&inner, r.pid).await?
+    };
+    let pid =
+        i32::try_from(task.pid).map_err(|_| AgentError::Invalid(format!("pid {}", task.pid)))?;
+    check_owner(pid, r.caller_uid)?;
+    let target = inner.node(&r.target).await?;
+    if target.node_id == inner.cfg.node_id {
+        return Err(AgentError::Invalid(format!(
+            "task {} already runs on {}",
+            task.task_id, inner.cfg.name
+        )));
+    }
+    let (tx, rx) = mpsc::channel(64);
+    let mode = match Mode::try_from(r.mode) {
+        Ok(Mode::Eager) => Mode::Eager,
+        _ => Mode::Lazy,
+    };
+    let mv = Move {
+        inner,
+        task,
+        pid: Pid::from_raw(pid),
+        target,
+        mode,
+        precopy: r.precopy,
+        events: tx.clone(),
+        t0: Instant::now(),
+        phases: Vec::new(),
+        move_id: 0,
+    };
+    std::thread::Builder::new()
+        .name("migfs-move".into())
+        .spawn(move || {
+            let res = mv.run();
+            let ev = match res {
+                Ok(report) => Ok(pb::MoveEvent {
+                    event: Some(pb::move_event::Event::Report(report)),
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.blocking_send(ev);
+        })
+        .map_err(|e| AgentError::phase("prepare", format!("start the move thread: {e}")))?;
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// The task of local process `pid`, created when it has none yet.
+async fn local_task(inner: &Inner, pid: u32) -> Result<TaskInfo, AgentError> {
+    let p = i32::try_from(pid).map_err(|_| AgentError::Invalid(format!("pid {pid}")))?;
+    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).map_err(|_| {
+        AgentError::Invalid(format!("pid {pid}: no such process on {}", inner.cfg.name))
+    })?;
+    let cmd: Vec<String> = cmd
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let t = inner
+        .meta
+        .clone()
+        .task_create(TaskCreateRequest {
+            node_id: inner.cfg.node_id,
+            pid,
+            cmd: cmd.join(" "),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| AgentError::rpc("create the task", &s))?;
+    Ok(t.into_inner())
+}
+
+/// Only root and the process's owner may move it.
+fn check_owner(pid: i32, uid: u32) -> Result<(), AgentError> {
+    if uid == 0 {
+        return Ok(());
+    }
+    let st = crate::sys::procfs::status(&pid.to_string())
+        .map_err(|_| AgentError::Invalid(format!("pid {pid}: no such process")))?;
+    let owner: Option<u32> = st
+        .get("Uid")
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok());
+    if owner == Some(uid) {
+        return Ok(());
+    }
+    Err(AgentError::Denied(format!(
+        "uid {uid} may not move pid {pid} (only root or its owner may)"
+    )))
+}
+
+/// Asks the agent of the node where task `t` runs to move it.
+async fn forward(
+    inner: &Inner,
+    t: &TaskInfo,
+    mut r: pb::MoveRequest,
+) -> Result<EventStream<pb::MoveEvent>, AgentError> {
+    let node = inner.node_by_id(t.node_id).await?;
+    if !node.up {
+        return Err(AgentError::Invalid(format!(
+            "task {} runs on {}, which is down",
+            t.task_id, node.name
+        )));
+    }
+    r.task_id = t.task_id;
+    let s = inner
+        .agent_at(&node.addr)?
+        .r#move(r)
+        .await
+        .map_err(|s| AgentError::rpc(format!("ask {} to move task {}", node.name, t.task_id), &s))?
+        .into_inner();
+    Ok(Box::pin(s))
+}
+
+/// One move in progress on this node.
+struct Move {
+    inner: Arc<Inner>,
+    task: TaskInfo,
+    pid: Pid,
+    target: NodeInfo,
+    mode: Mode,
+    precopy: bool,
+    events: Events,
+    t0: Instant,
+    phases: Vec<pb::Phase>,
+    move_id: u64,
+}
+
+/// What happened on the target, for the report.
+#[derive(Default)]
+struct TargetSide {
+    pid: u32,
+    restore_ms: f64,
+    pages_eager: u64,
+}
+
+impl Move {
+    fn progress(&self, msg: impl Into<String>) {
+        let _ = self.events.blocking_send(Ok(pb::MoveEvent {
+            event: Some(pb::move_event::Event::Progress(msg.into())),
+        }));
+    }
+
+    fn phase_done(&mut self, name: &str, since: Instant) {
+        self.phases.push(pb::Phase {
+            name: name.into(),
+            ms: since.elapsed().as_secs_f64() * 1e3,
+        });
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.inner.rt.block_on(f)
+    }
+
+    fn run(mut self) -> Result<pb::MoveReport, AgentError> {
+        let t = Instant::now();
+        self.progress(format!(
+            "prepare: task {} (pid {}) {} -> {}",
+            self.task.task_id, self.pid, self.inner.cfg.name, self.target.name
+        ));
+        let blockers =
+            crate::check::check(self.pid).map_err(|e| AgentError::phase("prepare", e))?;
+        if !blockers.is_empty() {
+            return Err(AgentError::phase(
+                "prepare",
+                format!("pid {} cannot be moved: {}", self.pid, blockers.join("; ")),
+            ));
+        }
+        let begin = TaskBeginMoveRequest {
+            task_id: self.task.task_id,
+            from_node: self.inner.cfg.node_id,
+            pid: self.task.pid,
+            to_node: self.target.node_id,
+        };
+        let mut meta = self.inner.meta.clone();
+        self.block_on(meta.task_begin_move(begin))
+            .map_err(|s| AgentError::phase("prepare", s.message()))?;
+        let res = self.prepared(t);
+        if res.is_err() {
+            let end = TaskEndMoveRequest {
+                task_id: self.task.task_id,
+                commit: false,
+                to_node: self.target.node_id,
+                new_pid: 0,
+            };
+            if let Err(s) = self.block_on(meta.task_end_move(end)) {
+                tracing::error!(task = self.task.task_id, error = %s.message(), "could not end the failed move in the task table");
+            }
+        }
+        res
+    }
+
+    /// Everything after the task was marked moving; an error here means
+    /// the original runs on, thawed.
+    fn prepared(&mut self, t: Instant) -> Result<pb::MoveReport, AgentError> {
+        let mut client = self.inner.agent_at(&self.target.addr)?;
+        let prep = prepare_request(self.pid, self.task.task_id)?;
+        let reply = self
+            .block_on(client.prepare(prep))
+            .map_err(|s| {
+                AgentError::phase(
+                    "prepare",
+                    format!("target {}: {}", self.target.name, s.message()),
+                )
+            })?
+            .into_inner();
+        if !reply.refused.is_empty() {
+            return Err(AgentError::phase(
+                "prepare",
+                format!("target {} refuses: {}", self.target.name, reply.refused),
+            ));
+        }
+        let mut files =
+            capture::files::FileCtx::new(self.pid, CaptureOptions::default().hash_limit)
+                .map_err(|e| AgentError::phase("prepare", e))?;
+        files
+            .prehash_mappings()
+            .map_err(|e| AgentError::phase("prepare", e))?;
+        self.phase_done("prepare", t);
+        if self.precopy {
+            self.progress("precopy: not available yet; moving without it");
+        }
+
+        self.progress("freeze");
+        let t_freeze = Instant::now();
+        let frozen = freeze::freeze(self.pid, Duration::from_secs(10))
+            .map_err(|e| AgentError::phase("freeze", e))?;
+        self.phase_done("freeze", t_freeze);
+        self.move_id = self.inner.move_id();
+        let dir = self.inner.cfg.work.join(format!("out-{}", self.move_id));
+        let res = self.frozen(&frozen, files, &dir, &mut client, t_freeze);
+        let _ = std::fs::remove_dir_all(&dir);
+        match res {
+            Ok((mut report, ready, drained_rx)) => {
+                // Committed: the original only serves pages now.
+                let t_drain = Instant::now();
+                let resumed = t_freeze + Duration::from_secs_f64(report.downtime_ms / 1e3);
+                let drained = drained_rx.recv_timeout(DRAIN_TIMEOUT);
+                let served = self.inner.sources.lock().remove(&self.move_id);
+                if let Err(e) = frozen.kill() {
+                    tracing::warn!(pid = self.pid.as_raw(), error = %e, "ending the original failed");
+                }
+                report.residual_ms = resumed.elapsed().as_secs_f64() * 1e3;
+                self.phase_done("drain", t_drain);
+                match drained {
+                    Ok(d) => {
+                        report.pages_demand = d.pages_demand;
+                        report.pages_push = d.pages_push;
+                        report.pages_eager += d.pages_eager;
+                        if !d.error.is_empty() {
+                            tracing::error!(error = %d.error, "the target reported a page error");
+                        }
+                    }
+                    Err(_) => tracing::error!(
+                        task = self.task.task_id,
+                        "the target never said it had every page; the original was ended anyway"
+                    ),
+                }
+                if let Some(s) = served {
+                    report.bytes += s.served_bytes.load(Ordering::Relaxed);
+                }
+                report.pid = ready.pid;
+                report.phases = std::mem::take(&mut self.phases);
+                report.total_ms = self.t0.elapsed().as_secs_f64() * 1e3;
+                Ok(report)
+            }
+            Err(e) => {
+                self.inner.sources.lock().remove(&self.move_id);
+                crate::checkpoint::thaw(frozen);
+                Err(e)
+            }
+        }
+    }
+
+    /// Capture, transfer, restore on the target, commit, resume.
+    fn frozen(
+        &mut self,
+        frozen: &Frozen,
+        files: capture::files::FileCtx,
+        dir: &PathBuf,
+        client: &mut super::AgentClient,
+        t_freeze: Instant,
+    ) -> Result<
+        (
+            pb::MoveReport,
+            TargetSide,
+            std_mpsc::Receiver<pb::DrainedRequest>,
+        ),
+        AgentError,
+    > {
+        self.progress("capture");
+        let t = Instant::now();
+        std::fs::create_dir_all(dir).map_err(|e| AgentError::phase("capture", e))?;
+        let opts = CaptureOptions {
+            lazy_anon: true,
+            ..CaptureOptions::default()
+        };
+        let stats = capture::capture(frozen, dir, &opts, Some(files))
+            .map_err(|e| AgentError::phase("capture", e))?;
+        let img =
+            crate::image::persist::read_image(dir).map_err(|e| AgentError::phase("capture", e))?;
+        let ranges = crate::pages::lazy_ranges(&img.image);
+        let pages =
+            PageSource::new(self.pid, ranges).map_err(|e| AgentError::phase("capture", e))?;
+        let (done_tx, done_rx) = std_mpsc::channel();
+        let serving = Arc::new(Serving {
+            pages,
+            served_pages: AtomicU64::new(0),
+            served_bytes: AtomicU64::new(0),
+            done: Mutex::new(Some(done_tx)),
+        });
+        self.inner.sources.lock().insert(self.move_id, serving);
+        self.phase_done("capture", t);
+
+        self.progress(format!(
+            "transfer: image {} KiB, eager pages {} KiB",
+            stats.image_bytes >> 10,
+            stats.pages_bytes >> 10
+        ));
+        let t = Instant::now();
+        let image =
+            std::fs::read(dir.join(IMAGE_FILE)).map_err(|e| AgentError::phase("transfer", e))?;
+        let pages =
+            std::fs::read(dir.join(PAGES_FILE)).map_err(|e| AgentError::phase("transfer", e))?;
+        let bytes = (image.len() + pages.len()) as u64;
+        let (msg_tx, msg_rx) = mpsc::channel::<pb::ReceiveMsg>(8);
+        let begin = pb::ReceiveBegin {
+            move_id: self.move_id,
+            task_id: self.task.task_id,
+            mode: self.mode as i32,
+            source_addr: self.inner.cfg.listen.to_string(),
+            source_session: (self.inner.cfg.session)(),
+            source_pid: self.task.pid,
+            image_len: image.len() as u64,
+            pages_len: pages.len() as u64,
+        };
+        let send = |m: receive_msg::Msg| {
+            msg_tx
+                .blocking_send(pb::ReceiveMsg { msg: Some(m) })
+                .map_err(|_| AgentError::phase("transfer", "the target closed the stream"))
+        };
+        let mut events = self
+            .block_on(client.receive(ReceiverStream::new(msg_rx)))
+            .map_err(|s| {
+                AgentError::phase(
+                    "transfer",
+                    format!("target {}: {}", self.target.name, s.message()),
+                )
+            })?
+            .into_inner();
+        send(receive_msg::Msg::Begin(begin))?;
+        for c in image.chunks(CHUNK) {
+            send(receive_msg::Msg::Image(c.to_vec()))?;
+        }
+        for c in pages.chunks(CHUNK) {
+            send(receive_msg::Msg::Pages(c.to_vec()))?;
+        }
+        send(receive_msg::Msg::Done(true))?;
+        self.phase_done("transfer", t);
+
+        self.progress("restore on the target");
+        let t = Instant::now();
+        let ready = match self.next_event(&mut events, "restore")? {
+            receive_event::Event::Ready(r) => TargetSide {
+                pid: r.pid,
+                restore_ms: r.restore_ms,
+                pages_eager: r.pages_eager,
+            },
+            other => {
+                return Err(AgentError::phase(
+                    "restore",
+                    format!("unexpected answer {other:?}"),
+                ));
+            }
+        };
+        self.phase_done("restore", t);
+
+        self.progress(format!("commit: pid {} on {}", ready.pid, self.target.name));
+        let t = Instant::now();
+        let end = TaskEndMoveRequest {
+            task_id: self.task.task_id,
+            commit: true,
+            to_node: self.target.node_id,
+            new_pid: ready.pid,
+        };
+        let mut meta = self.inner.meta.clone();
+        if let Err(s) = self.block_on(meta.task_end_move(end)) {
+            let _ = send(receive_msg::Msg::Abort(format!(
+                "commit failed: {}",
+                s.message()
+            )));
+            return Err(AgentError::phase("commit", s.message()));
+        }
+        send(receive_msg::Msg::Commit(true))
+            .map_err(|_| AgentError::phase("commit", "the target went away after the commit"))?;
+        match self.next_event(&mut events, "resume") {
+            Ok(receive_event::Event::Running(_)) => {}
+            Ok(other) => tracing::error!(?other, "unexpected answer to commit"),
+            Err(e) => tracing::error!(error = %e, "the target did not confirm the resume"),
+        }
+        let downtime = t_freeze.elapsed();
+        self.phase_done("commit+resume", t);
+        self.progress(format!(
+            "running on {} after {:.1} ms frozen; draining memory",
+            self.target.name,
+            downtime.as_secs_f64() * 1e3
+        ));
+        let report = pb::MoveReport {
+            task: self.task.task_id,
+            pid: ready.pid,
+            source_pid: self.task.pid,
+            from: self.inner.cfg.name.clone(),
+            to: self.target.name.clone(),
+            mode: self.mode as i32,
+            precopy: false,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            bytes,
+            pages_eager: stats.pages_bytes / 4096 + ready.pages_eager,
+            ..Default::default()
+        };
+        let _ = ready.restore_ms;
+        Ok((report, ready, done_rx))
+    }
+
+    fn next_event(
+        &self,
+        events: &mut tonic::Streaming<pb::ReceiveEvent>,
+        phase: &'static str,
+    ) -> Result<receive_event::Event, AgentError> {
+        match self.block_on(events.next()) {
+            Some(Ok(pb::ReceiveEvent {
+                event: Some(receive_event::Event::Failed(f)),
+            })) => Err(AgentError::phase(
+                phase,
+                format!(
+                    "target {} at step {:?}: {}",
+                    self.target.name, f.step, f.message
+                ),
+            )),
+            Some(Ok(pb::ReceiveEvent { event: Some(e) })) => Ok(e),
+            Some(Ok(_)) => Err(AgentError::phase(phase, "empty answer from the target")),
+            Some(Err(s)) => Err(AgentError::phase(
+                phase,
+                format!("target {}: {}", self.target.name, s.message()),
+            )),
+            None => Err(AgentError::phase(
+                phase,
+                format!("target {} closed the stream", self.target.name),
+            )),
+        }
+    }
+}
+
+/// What the target must match: architecture, vDSO, memory.
+fn prepare_request(pid: Pid, task: u64) -> Result<pb::PrepareRequest, AgentError> {
+    let maps = crate::sys::procfs::maps(pid).map_err(|e| AgentError::phase("prepare", e))?;
+    let (parts, hash) = match crate::sys::vdso::find(&maps) {
+        Some(b) => {
+            let h = crate::sys::vdso::text_hash(pid, &b)
+                .map_err(|e| AgentError::phase("prepare", e))?;
+            let parts = b
+                .parts
+                .iter()
+                .map(|(n, s, e)| format!("{n}:{s:#x}-{e:#x}"))
+                .collect();
+            (parts, h.to_vec())
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let rss = crate::sys::procfs::status(&pid.as_raw().to_string())
+        .ok()
+        .and_then(|st| st.get("VmRSS").cloned())
+        .and_then(|v| {
+            v.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    Ok(pb::PrepareRequest {
+        task_id: task,
+        arch: std::env::consts::ARCH.into(),
+        vdso_blake3: hash,
+        vdso_parts: parts,
+        memory_bytes: rss,
+        ..Default::default()
+    })
+}

@@ -1,0 +1,382 @@
+//! The target side of a move: check that this node can take the process,
+//! receive its image, hand its locks to this node's session, rebuild it
+//! with its anonymous memory on demand (userfaultfd, pages fetched from the
+//! source's page server), hold it until the source commits, let it run,
+//! then pull every remaining page and tell the source it may let go.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Instant;
+
+use migfs_proto::agent::{self as pb, Mode, receive_event, receive_msg};
+use migfs_proto::meta::{MoveLocksRequest, ReturnLocksRequest};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::{AgentClient, AgentError, EventStream, Inner};
+use crate::image::format::{IMAGE_FILE, PAGES_FILE};
+use crate::pages::{LazyConfig, LazyPages, PageFetch, Preload};
+use crate::restore::{Extras, RestoreOptions};
+
+/// Whether this node can take a process described by `r`; the reason if not.
+pub fn prepare(r: &pb::PrepareRequest) -> pb::PrepareReply {
+    let refused = match why_not(r) {
+        Ok(()) => String::new(),
+        Err(why) => why,
+    };
+    pb::PrepareReply { refused }
+}
+
+fn why_not(r: &pb::PrepareRequest) -> Result<(), String> {
+    if r.arch != std::env::consts::ARCH {
+        return Err(format!(
+            "architecture {} here, {} there",
+            std::env::consts::ARCH,
+            r.arch
+        ));
+    }
+    let me = nix::unistd::getpid();
+    let maps = crate::sys::procfs::maps(me).map_err(|e| format!("own maps: {e}"))?;
+    if let Some(b) = crate::sys::vdso::find(&maps) {
+        let parts: Vec<String> = b
+            .parts
+            .iter()
+            .map(|(n, s, e)| format!("{n}:{s:#x}-{e:#x}"))
+            .collect();
+        let hash = crate::sys::vdso::text_hash(me, &b).map_err(|e| format!("own vDSO: {e}"))?;
+        if !r.vdso_parts.is_empty() && (parts != r.vdso_parts || hash[..] != r.vdso_blake3[..]) {
+            return Err(format!(
+                "the vDSO differs (here {parts:?}, there {:?}; another kernel?)",
+                r.vdso_parts
+            ));
+        }
+    }
+    let avail = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kb| kb * 1024);
+    if r.memory_bytes > avail {
+        return Err(format!(
+            "not enough memory: the process uses {} MiB, {} MiB available",
+            r.memory_bytes >> 20,
+            avail >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// The source's page server, as the fault handler sees it.
+struct RemotePages {
+    client: AgentClient,
+    move_id: u64,
+    rt: tokio::runtime::Handle,
+}
+
+impl PageFetch for RemotePages {
+    fn fetch(&self, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+        let req = pb::FetchRequest {
+            move_id: self.move_id,
+            addr,
+            len: u32::try_from(len).map_err(|_| format!("fetch of {len} bytes"))?,
+        };
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.fetch_pages(req))
+            .map(|r| r.into_inner().data.to_vec())
+            .map_err(|s| format!("page server: {}", s.message()))
+    }
+}
+
+/// Pulls every present page of the original and installs it; returns
+/// how many pages were new.
+fn pull_all(
+    rt: &tokio::runtime::Handle,
+    client: &AgentClient,
+    move_id: u64,
+    lazy: &LazyPages,
+) -> Result<u64, String> {
+    let mut c = client.clone();
+    rt.block_on(async {
+        let mut s = c
+            .push_pages(pb::PushRequest { move_id })
+            .await
+            .map_err(|s| format!("push: {}", s.message()))?
+            .into_inner();
+        let mut n = 0;
+        while let Some(run) = s.next().await {
+            let run = run.map_err(|s| format!("push: {}", s.message()))?;
+            n += lazy
+                .install(run.addr, &run.data)
+                .map_err(|e| format!("install {:#x}: {e}", run.addr))?;
+        }
+        Ok(n)
+    })
+}
+
+/// One move this node is the target of.
+struct Incoming {
+    begin: pb::ReceiveBegin,
+    dir: PathBuf,
+}
+
+/// Handles the Receive stream: collects the image, then rebuilds on a
+/// thread of its own while this task forwards the source's decision.
+pub async fn receive(
+    inner: Arc<Inner>,
+    mut msgs: Streaming<pb::ReceiveMsg>,
+) -> Result<EventStream<pb::ReceiveEvent>, AgentError> {
+    let (ev_tx, ev_rx) = mpsc::channel(8);
+    // The answer stream goes back at once: the source sends the image only
+    // once it has it.
+    tokio::spawn(async move {
+        let inc = match begin(&inner, &mut msgs).await {
+            Ok(inc) => inc,
+            Err(e) => {
+                let _ = ev_tx.send(Ok(failed("transfer", e))).await;
+                return;
+            }
+        };
+        if let Err(e) = collect(&inc, &mut msgs).await {
+            let _ = ev_tx.send(Ok(failed("transfer", e))).await;
+            let _ = std::fs::remove_dir_all(&inc.dir);
+            return;
+        }
+        let (decide_tx, decide_rx) = std_mpsc::channel::<Result<(), String>>();
+        let tx = ev_tx.clone();
+        let inner2 = Arc::clone(&inner);
+        let started = std::thread::Builder::new()
+            .name("migfs-restore".into())
+            .spawn(move || rebuild(inner2, inc, tx, decide_rx));
+        if let Err(e) = started {
+            let _ = ev_tx.send(Ok(failed("restore", e))).await;
+            return;
+        }
+        // Forward the source's decision (commit or abort) to the rebuild.
+        let decision = loop {
+            match msgs.next().await {
+                Some(Ok(pb::ReceiveMsg {
+                    msg: Some(receive_msg::Msg::Commit(_)),
+                })) => break Ok(()),
+                Some(Ok(pb::ReceiveMsg {
+                    msg: Some(receive_msg::Msg::Abort(why)),
+                })) => break Err(format!("the source aborted: {why}")),
+                Some(Ok(_)) => continue,
+                Some(Err(s)) => break Err(format!("the source went away: {}", s.message())),
+                None => break Err("the source closed the stream before committing".into()),
+            }
+        };
+        let _ = decide_tx.send(decision);
+    });
+    Ok(Box::pin(ReceiverStream::new(ev_rx)))
+}
+
+/// The first message: what is coming.
+async fn begin(inner: &Inner, msgs: &mut Streaming<pb::ReceiveMsg>) -> Result<Incoming, String> {
+    let first = msgs
+        .next()
+        .await
+        .ok_or("empty receive stream")?
+        .map_err(|s| s.message().to_owned())?;
+    let Some(receive_msg::Msg::Begin(begin)) = first.msg else {
+        return Err("a receive stream starts with begin".into());
+    };
+    let dir = inner.cfg.work.join(format!("in-{}", begin.move_id));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(Incoming { begin, dir })
+}
+
+fn failed(step: &str, message: impl std::fmt::Display) -> pb::ReceiveEvent {
+    pb::ReceiveEvent {
+        event: Some(receive_event::Event::Failed(pb::ReceiveFailed {
+            step: step.into(),
+            message: message.to_string(),
+        })),
+    }
+}
+
+/// Writes image and pages to the move's directory until `done`.
+async fn collect(inc: &Incoming, msgs: &mut Streaming<pb::ReceiveMsg>) -> Result<(), String> {
+    let mut image = Vec::new();
+    let mut pages = Vec::new();
+    loop {
+        let m = msgs
+            .next()
+            .await
+            .ok_or("the source closed the stream mid-image")?
+            .map_err(|s| format!("the source: {}", s.message()))?;
+        match m.msg {
+            Some(receive_msg::Msg::Image(b)) => image.extend_from_slice(&b),
+            Some(receive_msg::Msg::Pages(b)) => pages.extend_from_slice(&b),
+            Some(receive_msg::Msg::Done(_)) => break,
+            Some(receive_msg::Msg::Abort(why)) => return Err(format!("the source aborted: {why}")),
+            other => return Err(format!("unexpected message {other:?}")),
+        }
+        let limit = 1u64 << 36;
+        if image.len() as u64 > inc.begin.image_len.min(limit)
+            || pages.len() as u64 > inc.begin.pages_len.min(limit)
+        {
+            return Err("more image data than announced".into());
+        }
+    }
+    if image.len() as u64 != inc.begin.image_len || pages.len() as u64 != inc.begin.pages_len {
+        return Err(format!(
+            "image truncated: {}+{} bytes of {}+{}",
+            image.len(),
+            pages.len(),
+            inc.begin.image_len,
+            inc.begin.pages_len
+        ));
+    }
+    std::fs::write(inc.dir.join(IMAGE_FILE), &image).map_err(|e| e.to_string())?;
+    std::fs::write(inc.dir.join(PAGES_FILE), &pages).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The rebuild thread: locks, restore (held until the decision), run,
+/// then drain the memory.
+fn rebuild(
+    inner: Arc<Inner>,
+    inc: Incoming,
+    ev: mpsc::Sender<Result<pb::ReceiveEvent, Status>>,
+    decide: std_mpsc::Receiver<Result<(), String>>,
+) {
+    let t0 = Instant::now();
+    let b = &inc.begin;
+    let send = |e: pb::ReceiveEvent| {
+        let _ = ev.blocking_send(Ok(e));
+    };
+    let image_pid = match crate::image::persist::read_image(&inc.dir) {
+        Ok(d) => d.image.process.as_ref().map_or(0, |p| p.pid),
+        Err(e) => {
+            send(failed("read image", e));
+            let _ = std::fs::remove_dir_all(&inc.dir);
+            return;
+        }
+    };
+    let to_pid = u32::try_from(image_pid).unwrap_or(0);
+    let session = (inner.cfg.session)();
+    let mut meta = inner.meta.clone();
+    let held = match inner.rt.block_on(meta.move_locks(MoveLocksRequest {
+        from_session: b.source_session,
+        from_pid: b.source_pid,
+        to_session: session,
+        to_pid,
+    })) {
+        Ok(r) => r.into_inner().moved,
+        Err(s) => {
+            send(failed("take locks", format!("hand-over: {}", s.message())));
+            let _ = std::fs::remove_dir_all(&inc.dir);
+            return;
+        }
+    };
+    let client = match inner.agent_at(&b.source_addr) {
+        Ok(c) => c,
+        Err(e) => {
+            send(failed("connect", e));
+            return;
+        }
+    };
+    let eager = Mode::try_from(b.mode) == Ok(Mode::Eager);
+    let (rt, c2, move_id) = (inner.rt.clone(), client.clone(), b.move_id);
+    let preloaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let pre = Arc::clone(&preloaded);
+    let preload: Option<Preload> = eager.then(|| {
+        Box::new(move |lazy: &LazyPages| {
+            let n = pull_all(&rt, &c2, move_id, lazy)?;
+            pre.store(n, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }) as Preload
+    });
+    let lazy = LazyConfig {
+        fetch: Arc::new(RemotePages {
+            client: client.clone(),
+            move_id: b.move_id,
+            rt: inner.rt.clone(),
+        }),
+        preload,
+    };
+    let ev2 = ev.clone();
+    let pre2 = Arc::clone(&preloaded);
+    let hold = move |pid: i32| -> Result<(), String> {
+        let ready = pb::ReceiveEvent {
+            event: Some(receive_event::Event::Ready(pb::ReceiveReady {
+                pid: u32::try_from(pid).unwrap_or(0),
+                restore_ms: t0.elapsed().as_secs_f64() * 1e3,
+                pages_eager: pre2.load(std::sync::atomic::Ordering::Relaxed),
+            })),
+        };
+        ev2.blocking_send(Ok(ready))
+            .map_err(|_| "the source went away".to_string())?;
+        decide
+            .recv()
+            .unwrap_or_else(|_| Err("the source went away".into()))
+    };
+    let extras = Extras {
+        lazy: Some(lazy),
+        before_resume: Some(Box::new(hold)),
+    };
+    let res = crate::restore::restore_with(&inc.dir, &RestoreOptions::default(), extras);
+    let _ = std::fs::remove_dir_all(&inc.dir);
+    let restored = match res {
+        Ok(r) => r,
+        Err(e) => {
+            give_back(&inner, session, to_pid, held);
+            send(failed(&e.step.to_string(), &e.cause));
+            return;
+        }
+    };
+    send(pb::ReceiveEvent {
+        event: Some(receive_event::Event::Running(
+            u32::try_from(restored.pid).unwrap_or(0),
+        )),
+    });
+    super::run::watch_exit(&inner, b.task_id, restored.pid);
+    drain(&inner, &client, b.move_id, restored.lazy, eager);
+}
+
+/// Gives locks handed over for a move that failed back to the source.
+fn give_back(inner: &Inner, session: u64, to_pid: u32, held: Vec<migfs_proto::meta::HeldLock>) {
+    if held.is_empty() {
+        return;
+    }
+    let mut meta = inner.meta.clone();
+    let req = ReturnLocksRequest {
+        to_session: session,
+        to_pid,
+        locks: held,
+    };
+    if let Err(s) = inner.rt.block_on(meta.return_locks(req)) {
+        tracing::error!(error = %s.message(), "could not give the locks of a failed move back");
+    }
+}
+
+/// Pulls what the process has not touched yet, closes the userfaultfd and
+/// tells the source it may destroy its copy.
+fn drain(inner: &Inner, client: &AgentClient, move_id: u64, lazy: Option<LazyPages>, eager: bool) {
+    let mut report = pb::DrainedRequest {
+        move_id,
+        ..Default::default()
+    };
+    if let Some(lazy) = lazy {
+        if !eager {
+            match pull_all(&inner.rt, client, move_id, &lazy) {
+                Ok(n) => report.pages_push = n,
+                Err(e) => report.error = e,
+            }
+        }
+        let st = lazy.finish();
+        report.pages_demand = st.demand_pages;
+    }
+    let mut c = client.clone();
+    if let Err(s) = inner.rt.block_on(c.drained(report)) {
+        tracing::error!(move_id, error = %s.message(), "could not tell the source the move is drained");
+    }
+}

@@ -1,0 +1,70 @@
+//! Memory that moves after the process: which ranges are left out of an
+//! image ("lazy"), the source's reader of a frozen process's memory, and
+//! the target's userfaultfd handler that fills them on first touch or by
+//! a push (DESIGN "Migration", step 7).
+
+pub mod lazy;
+pub mod source;
+
+use migfs_proto::image::{Image, VmaKind};
+
+pub use lazy::{LazyConfig, LazyPages, LazyStats, PageFetch, Preload};
+
+/// Whether a mapping's pages may be left out of the image and fetched
+/// later: private anonymous memory (heap, stack, anonymous mappings) that
+/// is accessible. userfaultfd's missing mode covers exactly those.
+pub fn is_lazy_kind(kind: i32, shared: bool, prot: u32) -> bool {
+    let anon = matches!(
+        VmaKind::try_from(kind),
+        Ok(VmaKind::VmaAnon | VmaKind::VmaHeap | VmaKind::VmaStack)
+    );
+    anon && !shared && prot != 0
+}
+
+/// The ranges `[start, end)` of an image whose pages are not in it.
+pub fn lazy_ranges(img: &Image) -> Vec<(u64, u64)> {
+    img.mm
+        .iter()
+        .flat_map(|m| &m.vmas)
+        .filter(|v| v.lazy)
+        .map(|v| (v.start, v.end))
+        .collect()
+}
+
+/// Splits `(start, end)` runs into runs of at most `max` bytes.
+pub fn chunks(runs: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(s, e) in runs {
+        let mut at = s;
+        while at < e {
+            let end = e.min(at + max);
+            out.push((at, end));
+            at = end;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_private_accessible_anonymous_memory_is_lazy() {
+        let anon = VmaKind::VmaAnon as i32;
+        assert!(is_lazy_kind(anon, false, 3));
+        assert!(is_lazy_kind(VmaKind::VmaStack as i32, false, 3));
+        assert!(!is_lazy_kind(anon, true, 3));
+        assert!(!is_lazy_kind(anon, false, 0));
+        assert!(!is_lazy_kind(VmaKind::VmaFile as i32, false, 3));
+        assert!(!is_lazy_kind(VmaKind::VmaVdsoBlock as i32, false, 5));
+    }
+
+    #[test]
+    fn chunks_split_long_runs() {
+        assert_eq!(
+            chunks(&[(0, 10), (20, 22)], 4),
+            vec![(0, 4), (4, 8), (8, 10), (20, 22)]
+        );
+    }
+}

@@ -1,0 +1,402 @@
+//! `migfs-move` on the local testbed: real processes (C programs built
+//! with gcc here, python3) moved between real nodes by the agents inside
+//! `migfs node`, lazily (userfaultfd + page server) and eagerly; the task
+//! table (`migfs ps`), `migfs run`, and moves that must change nothing.
+//!
+//! Needs root, /dev/fuse, ptrace, userfaultfd and gcc: otherwise SKIP, or
+//! fail when MIGFS_REQUIRE_PRIV=1. The cluster (and every process in it)
+//! is torn down by its guard, also when a test panics.
+
+use std::fs;
+use std::process::Output;
+
+use migfs_e2e::harness::{Cluster, migfs_bin, output_text, require_priv};
+use migfs_e2e::progs::{assert_sequence, numbers, prog, wait_lines, within};
+
+fn cluster() -> Option<Cluster> {
+    if !require_priv() {
+        return None;
+    }
+    if std::process::Command::new("gcc")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("MIGFS_REQUIRE_PRIV").as_deref() != Ok("1"),
+            "MIGFS_REQUIRE_PRIV=1 but gcc is missing"
+        );
+        eprintln!("SKIP: needs gcc");
+        return None;
+    }
+    Some(Cluster::up(2))
+}
+
+fn m() -> String {
+    migfs_bin().to_str().unwrap().to_owned()
+}
+
+/// Runs `argv` on `node`; panics unless it works; returns stdout.
+fn on(c: &Cluster, node: &str, argv: &[&str]) -> String {
+    let o = c.exec(node, argv);
+    assert!(
+        o.status.success(),
+        "on {node}: {argv:?}\n{}",
+        output_text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Starts `argv` on `node` with only stdio open; its PID there.
+fn start_on(c: &Cluster, node: &str, argv: &[&str]) -> i32 {
+    c.spawn_detached(node, argv)
+}
+
+fn alive(c: &Cluster, node: &str, pid: i32) -> bool {
+    on(
+        c,
+        node,
+        &[
+            "sh",
+            "-c",
+            &format!("test -e /proc/{pid} && echo alive || true"),
+        ],
+    )
+    .contains("alive")
+}
+
+/// `migfs move WHAT NODE --json [extra]` on `from`: the report.
+fn move_json(c: &Cluster, from: &str, what: &str, to: &str, extra: &[&str]) -> serde_json::Value {
+    let o = try_move(c, from, what, to, extra);
+    assert!(
+        o.status.success(),
+        "move {what} {from} -> {to} {extra:?}\n{}",
+        output_text(&o)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("report is not JSON ({e}): {}", output_text(&o)))
+}
+
+fn try_move(c: &Cluster, from: &str, what: &str, to: &str, extra: &[&str]) -> Output {
+    let m = m();
+    let mut argv = vec![m.as_str(), "move", what, to, "--json"];
+    argv.extend_from_slice(extra);
+    c.exec(from, &argv)
+}
+
+fn field(r: &serde_json::Value, k: &str) -> u64 {
+    r[k].as_u64()
+        .or_else(|| {
+            r[k].as_f64()
+                .map(|f| f.round().to_string().parse().unwrap_or(0))
+        })
+        .unwrap_or_else(|| panic!("report has no {k}: {r}"))
+}
+
+fn pid_of(r: &serde_json::Value) -> i32 {
+    i32::try_from(field(r, "pid")).unwrap()
+}
+
+fn ps(c: &Cluster, node: &str) -> Vec<serde_json::Value> {
+    let out = on(c, node, &[&m(), "ps", "--json", "--all"]);
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A counter appending to /migfs/count.txt moves n1 -> n2 -> n1 in `mode`;
+/// the file shows no gap and no duplicate; the task follows in `ps`.
+fn counter_round_trip(mode: &str, static_: bool) {
+    let Some(c) = cluster() else { return };
+    let counter = prog("ckpt_counter", static_);
+    let pid = start_on(&c, "n1", &[counter.to_str().unwrap(), "/migfs/count.txt"]);
+    let out = c.path("n2", "count.txt");
+    wait_lines(&out, 20, 10_000);
+    let r = move_json(&c, "n1", &pid.to_string(), "n2", &[mode]);
+    for k in [
+        "task",
+        "pid",
+        "downtime_ms",
+        "total_ms",
+        "bytes",
+        "pages_eager",
+        "pages_demand",
+        "pages_push",
+        "residual_ms",
+    ] {
+        assert!(r.get(k).is_some(), "report lacks {k}: {r}");
+    }
+    let task = field(&r, "task");
+    let pid2 = pid_of(&r);
+    assert!(!alive(&c, "n1", pid), "the original still runs on n1");
+    assert!(alive(&c, "n2", pid2), "not running on n2: {r}");
+    let row = ps(&c, "n1")
+        .into_iter()
+        .find(|t| t["task"].as_u64() == Some(task))
+        .expect("task in ps");
+    assert_eq!(row["node"], "n2");
+    assert_eq!(row["pid"].as_i64(), Some(i64::from(pid2)));
+    let n = numbers(&out).len();
+    wait_lines(&out, n + 20, 10_000);
+    // Back, by task id, asked on n2 where it now runs.
+    let r2 = move_json(&c, "n2", &format!("t{task}"), "n1", &[mode]);
+    assert_eq!(field(&r2, "task"), task);
+    let pid3 = pid_of(&r2);
+    let n = numbers(&out).len();
+    wait_lines(&out, n + 20, 10_000);
+    on(&c, "n1", &["kill", "-9", &pid3.to_string()]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_sequence(&c.path("n1", "count.txt"));
+}
+
+#[test]
+fn counter_moves_there_and_back_lazily() {
+    counter_round_trip("--lazy", false);
+}
+
+#[test]
+fn counter_moves_there_and_back_eagerly() {
+    counter_round_trip("--eager", false);
+}
+
+#[test]
+fn static_counter_moves_there_and_back_lazily() {
+    counter_round_trip("--lazy", true);
+}
+
+/// 256 MiB touched at random right after a lazy move: every check passes,
+/// pages came on demand and by push, and the source let go.
+#[test]
+fn lazy_move_with_random_touches_completes_and_the_source_lets_go() {
+    let Some(c) = cluster() else { return };
+    let bin = prog("move_touch", false);
+    let pid = start_on(
+        &c,
+        "n1",
+        &[bin.to_str().unwrap(), "/migfs/touch.txt", "256", "64"],
+    );
+    let out = c.path("n1", "touch.txt");
+    assert!(within(60_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    let r = move_json(&c, "n1", &pid.to_string(), "n2", &["--lazy"]);
+    let pid2 = pid_of(&r);
+    assert!(
+        field(&r, "pages_push") + field(&r, "pages_demand") >= 256 * 256 - 1024,
+        "most of 256 MiB should come by demand or push: {r}"
+    );
+    assert!(field(&r, "pages_demand") > 0, "no page faulted: {r}");
+    assert!(
+        !alive(&c, "n1", pid),
+        "the frozen original was not destroyed"
+    );
+    on(&c, "n2", &["kill", "-USR1", &pid2.to_string()]);
+    assert!(
+        within(60_000, || fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("verified")),
+        "no verification"
+    );
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(text.contains("verified ok"), "{}", tail(&text));
+    assert!(!text.contains("BAD"), "{}", tail(&text));
+    assert!(alive(&c, "n2", pid2));
+}
+
+fn tail(text: &str) -> String {
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(10)..].join("\n")
+}
+
+/// A move that cannot happen changes nothing: unknown node, missing PID,
+/// a process `--check` refuses (a pipe), a target that cannot rebuild it.
+#[test]
+fn refused_and_failing_moves_leave_the_process_running_where_it_was() {
+    let Some(c) = cluster() else { return };
+    let counter = prog("ckpt_counter", false);
+    let pid = start_on(&c, "n1", &[counter.to_str().unwrap(), "/migfs/stay.txt"]);
+    let out = c.path("n1", "stay.txt");
+    wait_lines(&out, 10, 10_000);
+    let o = try_move(&c, "n1", &pid.to_string(), "n9", &[]);
+    assert!(!o.status.success());
+    assert!(
+        output_text(&o).contains("unknown node \"n9\""),
+        "{}",
+        output_text(&o)
+    );
+    let o = try_move(&c, "n1", "999999", "n2", &[]);
+    assert!(!o.status.success(), "{}", output_text(&o));
+    let text = output_text(&o);
+    assert!(text.contains("999999"), "{text}");
+    // A pipe on fd 1: refused up front, naming it.
+    let piped = start_on(&c, "n1", &["sh", "-c", "sleep 1000 | cat > /dev/null"]);
+    let sleeper = on(&c, "n1", &["pgrep", "-P", &piped.to_string(), "sleep"]);
+    let sleeper = sleeper.trim();
+    let o = try_move(&c, "n1", sleeper, "n2", &[]);
+    assert!(!o.status.success());
+    assert!(output_text(&o).contains("pipe"), "{}", output_text(&o));
+    assert!(alive(&c, "n1", sleeper.parse().unwrap()));
+    // A target that cannot rebuild it: the program's binary changed
+    // under the same path (replaced, so the running one keeps the old).
+    let copy = c.dir().join("counter-copy");
+    fs::copy(&counter, &copy).unwrap();
+    let pid2 = start_on(&c, "n1", &[copy.to_str().unwrap(), "/migfs/stay2.txt"]);
+    let out2 = c.path("n1", "stay2.txt");
+    wait_lines(&out2, 10, 10_000);
+    let tmp = c.dir().join("counter-new");
+    fs::write(&tmp, b"#!/bin/sh\nexit 0\n").unwrap();
+    fs::rename(&tmp, &copy).unwrap();
+    let o = try_move(&c, "n1", &pid2.to_string(), "n2", &[]);
+    assert!(!o.status.success(), "{}", output_text(&o));
+    let text = output_text(&o);
+    assert!(text.contains("restore"), "names the phase: {text}");
+    let n = numbers(&out2).len();
+    wait_lines(&out2, n + 20, 10_000);
+    assert_sequence(&out2);
+    assert!(alive(&c, "n1", pid));
+    let n = numbers(&out).len();
+    wait_lines(&out, n + 10, 10_000);
+    assert_sequence(&out);
+    // None of them left a task stuck in "moving".
+    assert!(ps(&c, "n2").iter().all(|t| t["state"] != "moving"));
+}
+
+/// Two moves of one task at once: one wins, the other is told why.
+#[test]
+fn two_moves_of_one_task_at_once_one_wins() {
+    let Some(c) = cluster() else { return };
+    let bin = prog("move_touch", false);
+    let pid = start_on(&c, "n1", &[bin.to_str().unwrap(), "/migfs/two.txt", "512"]);
+    let out = c.path("n1", "two.txt");
+    assert!(within(60_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    let bin = migfs_bin();
+    let spawn = || {
+        c.command()
+            .args(["exec", "n1", "--"])
+            .arg(&bin)
+            .args(["move", &pid.to_string(), "n2", "--eager", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn();
+    let b = spawn();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let ok = [&a, &b].iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "A:\n{}\nB:\n{}", output_text(&a), output_text(&b));
+    let loser = if a.status.success() { &b } else { &a };
+    let text = output_text(loser);
+    assert!(
+        text.contains("already being moved")
+            || text.contains("not as pid")
+            || text.contains("no such process"),
+        "{text}"
+    );
+}
+
+/// An fcntl lock on a /migfs file stays held by the moved process: a
+/// process on either node cannot take it, and it is free once the moved
+/// process ends.
+#[test]
+fn fcntl_lock_on_migfs_stays_held_across_the_move() {
+    let Some(c) = cluster() else { return };
+    let state = prog("ckpt_state", false);
+    for f in ["s.txt", "r.txt", "l.txt", "f.txt"] {
+        fs::write(c.path("n1", f), b"0123456789abcdef").unwrap();
+    }
+    let pid = start_on(
+        &c,
+        "n1",
+        &[
+            state.to_str().unwrap(),
+            "/migfs/s.txt",
+            "/migfs",
+            "/migfs/r.txt",
+            "/migfs/l.txt",
+            "/migfs/f.txt",
+        ],
+    );
+    let probe = |node: &str| {
+        on(
+            &c,
+            node,
+            &[
+                "python3",
+                "-c",
+                "import fcntl,sys\nf=open('/migfs/l.txt','r+')\ntry:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB, 10, 0)\n print('got')\nexcept OSError:\n print('busy')",
+            ],
+        )
+        .trim()
+        .to_owned()
+    };
+    assert!(within(10_000, || probe("n2") == "busy"));
+    let r = move_json(&c, "n1", &pid.to_string(), "n2", &[]);
+    let pid2 = field(&r, "pid");
+    assert_eq!(probe("n1"), "busy");
+    assert_eq!(probe("n2"), "busy");
+    on(&c, "n2", &["kill", "-9", &pid2.to_string()]);
+    assert!(
+        within(10_000, || probe("n1") == "got"),
+        "the lock was not freed"
+    );
+}
+
+/// `migfs run` relays the task's output and returns its exit status, also
+/// when the task was moved to another node while it ran.
+#[test]
+fn run_relays_output_and_exit_status_across_a_move() {
+    let Some(c) = cluster() else { return };
+    let o = c.exec(
+        "n1",
+        &[
+            &m(),
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; echo oops >&2; exit 3",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", output_text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("oops"));
+    // A task that prints for a while; moved mid-way by task id from n2.
+    let script = "import time\nfor i in range(60):\n    print(i, flush=True)\n    time.sleep(0.05)\nraise SystemExit(7)";
+    let bin = migfs_bin();
+    let child = c
+        .command()
+        .args(["exec", "n1", "--"])
+        .arg(&bin)
+        .args(["run", "--", "python3", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut task = None;
+    assert!(within(10_000, || {
+        task = ps(&c, "n2")
+            .into_iter()
+            .find(|t| {
+                t["cmd"].as_str().is_some_and(|s| s.starts_with("python3"))
+                    && t["state"] == "running"
+            })
+            .and_then(|t| t["task"].as_u64());
+        task.is_some()
+    }));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Asked on n2 by task id; n1's agent does the move.
+    let r = move_json(&c, "n2", &format!("t{}", task.unwrap()), "n2", &[]);
+    assert_eq!(r["from"], "n1");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(7), "{}", output_text(&o));
+    let got: Vec<u64> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    assert_eq!(got, (0..60).collect::<Vec<u64>>());
+}
