@@ -232,14 +232,19 @@ fn refused_and_failing_moves_leave_the_process_running_where_it_was() {
     assert!(text.contains("999999"), "{text}");
     // A pipe on fd 1: refused up front, naming it.
     let piped = start_on(&c, "n1", &["sh", "-c", "sleep 1000 | cat > /dev/null"]);
-    let sleeper = on(&c, "n1", &["pgrep", "-P", &piped.to_string(), "sleep"]);
-    let sleeper = sleeper.trim();
+    let mut sleeper = String::new();
+    assert!(within(5_000, || {
+        let o = c.exec("n1", &["pgrep", "-P", &piped.to_string(), "sleep"]);
+        sleeper = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+        !sleeper.is_empty()
+    }));
+    let sleeper = sleeper.as_str();
     let o = try_move(&c, "n1", sleeper, "n2", &[]);
     assert!(!o.status.success());
     assert!(output_text(&o).contains("pipe"), "{}", output_text(&o));
     assert!(alive(&c, "n1", sleeper.parse().unwrap()));
-    // A target that cannot rebuild it: the program's binary changed
-    // under the same path (replaced, so the running one keeps the old).
+    // A program whose binary was replaced under it (the target could not
+    // map the same file): refused at prepare, naming the mapping.
     let copy = c.dir().join("counter-copy");
     fs::copy(&counter, &copy).unwrap();
     let pid2 = start_on(&c, "n1", &[copy.to_str().unwrap(), "/migfs/stay2.txt"]);
@@ -251,7 +256,10 @@ fn refused_and_failing_moves_leave_the_process_running_where_it_was() {
     let o = try_move(&c, "n1", &pid2.to_string(), "n2", &[]);
     assert!(!o.status.success(), "{}", output_text(&o));
     let text = output_text(&o);
-    assert!(text.contains("restore"), "names the phase: {text}");
+    assert!(
+        text.contains("prepare failed") && text.contains("counter-copy was deleted"),
+        "names the phase and the mapping: {text}"
+    );
     let n = numbers(&out2).len();
     wait_lines(&out2, n + 20, 10_000);
     assert_sequence(&out2);
@@ -261,6 +269,50 @@ fn refused_and_failing_moves_leave_the_process_running_where_it_was() {
     assert_sequence(&out);
     // None of them left a task stuck in "moving".
     assert!(ps(&c, "n2").iter().all(|t| t["state"] != "moving"));
+}
+
+/// The target's node daemon (agent and page server) dies in the middle
+/// of an eager move: the process keeps running on the source, untouched.
+#[test]
+fn target_killed_mid_transfer_leaves_the_process_on_the_source() {
+    let Some(c) = cluster() else { return };
+    let bin = prog("move_touch", false);
+    let pid = start_on(
+        &c,
+        "n1",
+        &[bin.to_str().unwrap(), "/migfs/kill.txt", "1024"],
+    );
+    let out = c.path("n1", "kill.txt");
+    assert!(within(60_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    let bin = migfs_bin();
+    let mover = c
+        .command()
+        .args(["exec", "n1", "--"])
+        .arg(&bin)
+        .args(["move", &pid.to_string(), "n2", "--eager"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    c.kill("n2");
+    let o = mover.wait_with_output().unwrap();
+    assert!(!o.status.success(), "{}", output_text(&o));
+    let text = output_text(&o);
+    assert!(text.contains("failed"), "names the phase: {text}");
+    assert!(alive(&c, "n1", pid), "the process is gone from n1: {text}");
+    let beats = |t: &str| t.lines().filter(|l| l.starts_with("beat")).count();
+    let n = beats(&fs::read_to_string(&out).unwrap());
+    assert!(within(10_000, || beats(&fs::read_to_string(&out).unwrap())
+        > n + 20));
+    on(&c, "n1", &["kill", "-USR1", &pid.to_string()]);
+    assert!(within(60_000, || fs::read_to_string(&out)
+        .unwrap()
+        .contains("verified")));
+    assert!(fs::read_to_string(&out).unwrap().contains("verified ok"));
+    assert!(ps(&c, "n1").iter().all(|t| t["state"] != "moving"));
 }
 
 /// Two moves of one task at once: one wins, the other is told why.

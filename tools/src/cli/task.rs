@@ -328,27 +328,30 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<ExitCode> {
     ))
 }
 
-/// Copies what a task appended to one of its output files to ours.
+/// Copies what a task appended to one of its output files to ours. The
+/// file is opened anew each time: an open is when this node learns that
+/// another node (where the task runs now) changed it.
 struct Relay {
-    file: std::fs::File,
+    path: PathBuf,
     at: u64,
     stderr: bool,
 }
 
 impl Relay {
     fn new(path: &Path, stderr: bool) -> anyhow::Result<Relay> {
-        let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
         Ok(Relay {
-            file,
+            path: path.to_owned(),
             at: 0,
             stderr,
         })
     }
 
     fn pump(&mut self) -> anyhow::Result<()> {
-        self.file.seek(SeekFrom::Start(self.at))?;
+        let mut file = std::fs::File::open(&self.path)
+            .with_context(|| format!("open {}", self.path.display()))?;
+        file.seek(SeekFrom::Start(self.at))?;
         let mut buf = Vec::new();
-        self.file.read_to_end(&mut buf)?;
+        file.read_to_end(&mut buf)?;
         if buf.is_empty() {
             return Ok(());
         }
