@@ -2,7 +2,7 @@
 # See migfs work in one command (as root, with /dev/fuse): builds the
 # `migfs` binary, starts a 2-node cluster on this machine, writes a file on
 # n1 and reads it back on n2, then moves a running counter process from n1
-# to n2 with its open file intact (checkpoint on n1, restore on n2), and
+# to n2 with its open file intact (`migfs move`, lazy memory), and
 # tears everything down on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,10 +53,11 @@ while True:
 sleep 1
 printf 'counter runs on n1 as pid %s; last line: %s\n' "$pid" "$(tail -1 "$(cluster path n1 counter.txt)")"
 
-step "move it: checkpoint on n1 (image on /migfs), restore on n2"
+step "move it live: migfs-move on n1 (memory follows by copy-on-reference)"
 cluster exec n1 -- "$migfs" checkpoint --check "$pid"
-cluster exec n1 -- "$migfs" checkpoint "$pid" --to /migfs/counter.img
-newpid=$(cluster exec n2 -- "$migfs" restore --from /migfs/counter.img)
+cluster exec n1 -- "$migfs" move "$pid" n2
+newpid=$(cluster exec n2 -- "$migfs" ps --json | python3 -c 'import json,sys; print([t["pid"] for t in json.load(sys.stdin) if t["node"] == "n2"][0])')
+cluster exec n2 -- "$migfs" ps
 sleep 1
 printf 'counter now runs on n2 as pid %s, its descriptor 3: %s\n' "$newpid" \
   "$(cluster exec n2 -- readlink "/proc/$newpid/fd/3")"

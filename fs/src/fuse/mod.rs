@@ -411,12 +411,20 @@ impl Filesystem for MigFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let res = self.run(async {
             let fd = self.sh.handle(fh)?;
+            // O_APPEND lands at the end as this node knows it (refreshed
+            // at open from the server), not at the kernel's cached size,
+            // which may predate another node's appends.
+            let offset = if flags.0 & libc::O_APPEND != 0 {
+                offset.max(fd.st.lock().size)
+            } else {
+                offset
+            };
             self.sh.data.write(&fd, offset, data).await
         });
         match res {

@@ -231,7 +231,7 @@ pub fn run_ps(a: PsArgs) -> anyhow::Result<ExitCode> {
             t.pid,
             state,
             t.moves,
-            t.cmd
+            one_line(&t.cmd)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -365,4 +365,17 @@ impl Relay {
         }
         Ok(())
     }
+}
+
+/// A command line on one line of at most 80 characters.
+fn one_line(cmd: &str) -> String {
+    let flat: String = cmd
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut out: String = flat.chars().take(80).collect();
+    if flat.chars().count() > 80 {
+        out.push('…');
+    }
+    out
 }
