@@ -104,11 +104,8 @@ fn process_level(
 fn threads(pid: Pid, out: &mut Vec<String>) -> std::io::Result<()> {
     // The tracer may be any thread of ours (the agent freezes on a thread
     // of its own).
-    let me = |t: &str| {
-        t.parse::<i32>().is_ok_and(|t| {
-            procfs::tasks(nix::unistd::getpid()).is_ok_and(|ts| ts.contains(&Pid::from_raw(t)))
-        })
-    };
+    let ours = procfs::tasks(nix::unistd::getpid()).unwrap_or_default();
+    let me = |t: &str| t.parse().is_ok_and(|t| ours.contains(&Pid::from_raw(t)));
     for tid in procfs::tasks(pid)? {
         let Ok(st) = procfs::status(&format!("{pid}/task/{tid}")) else {
             continue;

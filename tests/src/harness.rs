@@ -320,6 +320,18 @@ impl Cluster {
             .expect("run migfs cluster exec")
     }
 
+    /// [`Cluster::exec`] that must succeed (else panics with its output);
+    /// returns its stdout.
+    pub fn exec_ok(&self, node: &str, argv: &[&str]) -> String {
+        let o = self.exec(node, argv);
+        assert!(
+            o.status.success(),
+            "on {node}: {argv:?}\n{}",
+            output_text(&o)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     /// Starts a command inside `node` in the background, stdio on
     /// /dev/null; returns its PID as the node sees it.
     pub fn spawn_detached(&self, node: &str, argv: &[&str]) -> i32 {

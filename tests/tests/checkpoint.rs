@@ -1124,17 +1124,6 @@ fn leave_running_keeps_the_original_and_a_taken_pid_is_refused_when_required() {
 
 use migfs_e2e::harness::{Cluster, require_priv};
 
-/// Runs `argv` on `node`; panics unless it works; returns stdout.
-fn on(c: &Cluster, node: &str, argv: &[&str]) -> String {
-    let o = c.exec(node, argv);
-    assert!(
-        o.status.success(),
-        "on {node}: {argv:?}\n{}",
-        output_text(&o)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn cluster() -> Option<Cluster> {
     (require_ptrace() && require_priv()).then(|| Cluster::up(2))
 }
@@ -1160,33 +1149,33 @@ fn counter_on_migfs_moves_from_n1_to_n2_and_keeps_its_pid() {
     let pid = start_on(&c, "n1", &[counter.to_str().unwrap(), "/migfs/count.txt"]);
     let host_out = c.path("n2", "count.txt");
     wait_lines(&host_out, 20, 10_000);
-    on(
-        &c,
+    c.exec_ok(
         "n1",
         &[&m, "checkpoint", &pid.to_string(), "--to", "/migfs/img"],
     );
-    assert!(within(5000, || !on(
-        &c,
-        "n1",
-        &[
-            "sh",
-            "-c",
-            &format!("test -e /proc/{pid} && echo alive || true")
-        ]
-    )
-    .contains("alive")));
+    assert!(within(5000, || !c
+        .exec_ok(
+            "n1",
+            &[
+                "sh",
+                "-c",
+                &format!("test -e /proc/{pid} && echo alive || true")
+            ]
+        )
+        .contains("alive")));
     let n = numbers(&host_out).len();
-    let free = !on(
-        &c,
-        "n2",
-        &[
-            "sh",
-            "-c",
-            &format!("test -e /proc/{pid} && echo taken || true"),
-        ],
-    )
-    .contains("taken");
-    let restored: i32 = on(&c, "n2", &[&m, "restore", "--from", "/migfs/img"])
+    let free = !c
+        .exec_ok(
+            "n2",
+            &[
+                "sh",
+                "-c",
+                &format!("test -e /proc/{pid} && echo taken || true"),
+            ],
+        )
+        .contains("taken");
+    let restored: i32 = c
+        .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img"])
         .trim()
         .parse()
         .unwrap();
@@ -1197,11 +1186,12 @@ fn counter_on_migfs_moves_from_n1_to_n2_and_keeps_its_pid() {
         );
     }
     assert_eq!(
-        on(&c, "n2", &["cat", &format!("/proc/{restored}/comm")]).trim(),
+        c.exec_ok("n2", &["cat", &format!("/proc/{restored}/comm")])
+            .trim(),
         "ckpt_counter"
     );
     wait_lines(&host_out, n + 30, 10_000);
-    on(&c, "n2", &["kill", "-9", &restored.to_string()]);
+    c.exec_ok("n2", &["kill", "-9", &restored.to_string()]);
     std::thread::sleep(Duration::from_millis(100));
     assert_sequence(&c.path("n1", "count.txt"));
 }
@@ -1220,17 +1210,17 @@ fn migfs_file_renamed_away_and_replaced_is_reopened_by_inode() {
         numbers(&c.path("n2", "b.txt")).len() + 5,
         10_000,
     );
-    on(
-        &c,
+    c.exec_ok(
         "n1",
         &[&m, "checkpoint", &pid.to_string(), "--to", "/migfs/img"],
     );
     let n = numbers(&c.path("n2", "b.txt")).len();
-    let restored = on(&c, "n2", &[&m, "restore", "--from", "/migfs/img"])
+    let restored = c
+        .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img"])
         .trim()
         .to_owned();
     wait_lines(&c.path("n2", "b.txt"), n + 20, 10_000);
-    on(&c, "n2", &["kill", "-9", &restored]);
+    c.exec_ok("n2", &["kill", "-9", &restored]);
     std::thread::sleep(Duration::from_millis(100));
     assert_sequence(&c.path("n2", "b.txt"));
     assert_eq!(
@@ -1261,11 +1251,10 @@ fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
     };
     assert!(within(10_000, || lines("n1", &pid).len() >= 10));
     assert!(!c.path("n1", "gone.txt").exists());
-    on(&c, "n1", &["kill", "-USR2", &pid]);
+    c.exec_ok("n1", &["kill", "-USR2", &pid]);
     std::thread::sleep(Duration::from_millis(100));
     // The original keeps the file alive until the copy holds it too.
-    on(
-        &c,
+    c.exec_ok(
         "n1",
         &[
             &m,
@@ -1276,19 +1265,20 @@ fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
             "--leave-running",
         ],
     );
-    let restored = on(&c, "n2", &[&m, "restore", "--from", "/migfs/img"])
+    let restored = c
+        .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img"])
         .trim()
         .to_owned();
-    let link = on(&c, "n2", &["readlink", &format!("/proc/{restored}/fd/7")]);
-    on(&c, "n1", &["kill", "-9", &pid]);
-    on(&c, "n2", &["kill", "-USR1", &restored]);
+    let link = c.exec_ok("n2", &["readlink", &format!("/proc/{restored}/fd/7")]);
+    c.exec_ok("n1", &["kill", "-9", &pid]);
+    c.exec_ok("n2", &["kill", "-USR1", &restored]);
     let n = lines("n2", &restored).len();
     assert!(
         within(10_000, || lines("n2", &restored).len() >= n + 20),
         "the copy on n2 does not write ({link})"
     );
     let v = lines("n2", &restored);
-    on(&c, "n2", &["kill", "-9", &restored]);
+    c.exec_ok("n2", &["kill", "-9", &restored]);
     for (i, &x) in v.iter().enumerate() {
         assert_eq!(x, i as u64, "gap or duplicate at line {i}");
     }
@@ -1310,7 +1300,7 @@ fn fcntl_lock_on_migfs_stays_held_by_the_process_across_nodes() {
             within(10_000, || report(name).contains("rc=")),
             "{name}: no report"
         );
-        on(&c, node, &["kill", "-9", &pid.to_string()]);
+        c.exec_ok(node, &["kill", "-9", &pid.to_string()]);
         report(name)
     };
     let holder = start_on(&c, "n1", &[b, "/migfs/holder.txt", "hold", "/migfs/lk"]).to_string();
@@ -1323,8 +1313,9 @@ fn fcntl_lock_on_migfs_stays_held_by_the_process_across_nodes() {
         probe("n2", "p1.txt").contains("rc=-1 errno=11 "),
         "the lock is not held at first"
     );
-    on(&c, "n1", &[&m, "checkpoint", &holder, "--to", "/migfs/img"]);
-    let restored = on(&c, "n2", &[&m, "restore", "--from", "/migfs/img"])
+    c.exec_ok("n1", &[&m, "checkpoint", &holder, "--to", "/migfs/img"]);
+    let restored = c
+        .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img"])
         .trim()
         .to_owned();
     let p2 = probe("n1", "p2.txt");
@@ -1332,7 +1323,7 @@ fn fcntl_lock_on_migfs_stays_held_by_the_process_across_nodes() {
         p2.contains("rc=-1 errno=11 "),
         "the restored process does not hold the lock: {p2}"
     );
-    on(&c, "n2", &["kill", "-9", &restored]);
+    c.exec_ok("n2", &["kill", "-9", &restored]);
     let p3 = probe("n1", "p3.txt");
     assert!(
         p3.contains("rc=0 "),

@@ -14,13 +14,7 @@ fn stdout(o: &Output) -> String {
 
 /// Runs `argv` on `node`; panics unless it succeeds; returns stdout, trimmed.
 fn run(c: &Cluster, node: &str, argv: &[&str]) -> String {
-    let o = c.exec(node, argv);
-    assert!(
-        o.status.success(),
-        "on {node}: {argv:?}\n{}",
-        output_text(&o)
-    );
-    stdout(&o).trim().to_string()
+    c.exec_ok(node, argv).trim().to_string()
 }
 
 /// Namespace ids (`mnt:[...]`) every process on the host is in.

@@ -36,25 +36,13 @@ fn m() -> String {
     migfs_bin().to_str().unwrap().to_owned()
 }
 
-/// Runs `argv` on `node`; panics unless it works; returns stdout.
-fn on(c: &Cluster, node: &str, argv: &[&str]) -> String {
-    let o = c.exec(node, argv);
-    assert!(
-        o.status.success(),
-        "on {node}: {argv:?}\n{}",
-        output_text(&o)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Starts `argv` on `node` with only stdio open; its PID there.
 fn start_on(c: &Cluster, node: &str, argv: &[&str]) -> i32 {
     c.spawn_detached(node, argv)
 }
 
 fn alive(c: &Cluster, node: &str, pid: i32) -> bool {
-    on(
-        c,
+    c.exec_ok(
         node,
         &[
             "sh",
@@ -98,7 +86,7 @@ fn pid_of(r: &serde_json::Value) -> i32 {
 }
 
 fn ps(c: &Cluster, node: &str) -> Vec<serde_json::Value> {
-    let out = on(c, node, &[&m(), "ps", "--json", "--all"]);
+    let out = c.exec_ok(node, &[&m(), "ps", "--json", "--all"]);
     serde_json::from_str::<serde_json::Value>(&out)
         .unwrap()
         .as_array()
@@ -146,7 +134,7 @@ fn counter_round_trip(mode: &str, static_: bool) {
     let pid3 = pid_of(&r2);
     let n = numbers(&out).len();
     wait_lines(&out, n + 20, 10_000);
-    on(&c, "n1", &["kill", "-9", &pid3.to_string()]);
+    c.exec_ok("n1", &["kill", "-9", &pid3.to_string()]);
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_sequence(&c.path("n1", "count.txt"));
 }
@@ -192,7 +180,7 @@ fn lazy_move_with_random_touches_completes_and_the_source_lets_go() {
         !alive(&c, "n1", pid),
         "the frozen original was not destroyed"
     );
-    on(&c, "n2", &["kill", "-USR1", &pid2.to_string()]);
+    c.exec_ok("n2", &["kill", "-USR1", &pid2.to_string()]);
     assert!(
         within(60_000, || fs::read_to_string(&out)
             .unwrap_or_default()
@@ -307,7 +295,7 @@ fn target_killed_mid_transfer_leaves_the_process_on_the_source() {
     let n = beats(&fs::read_to_string(&out).unwrap());
     assert!(within(10_000, || beats(&fs::read_to_string(&out).unwrap())
         > n + 20));
-    on(&c, "n1", &["kill", "-USR1", &pid.to_string()]);
+    c.exec_ok("n1", &["kill", "-USR1", &pid.to_string()]);
     assert!(within(60_000, || fs::read_to_string(&out)
         .unwrap()
         .contains("verified")));
@@ -374,9 +362,7 @@ fn fcntl_lock_on_migfs_stays_held_across_the_move() {
         ],
     );
     let probe = |node: &str| {
-        on(
-            &c,
-            node,
+        c.exec_ok(node,
             &[
                 "python3",
                 "-c",
@@ -391,7 +377,7 @@ fn fcntl_lock_on_migfs_stays_held_across_the_move() {
     let pid2 = field(&r, "pid");
     assert_eq!(probe("n1"), "busy");
     assert_eq!(probe("n2"), "busy");
-    on(&c, "n2", &["kill", "-9", &pid2.to_string()]);
+    c.exec_ok("n2", &["kill", "-9", &pid2.to_string()]);
     assert!(
         within(10_000, || probe("n1") == "got"),
         "the lock was not freed"

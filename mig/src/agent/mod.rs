@@ -259,17 +259,19 @@ pub struct AgentService {
     inner: Arc<Inner>,
 }
 
-/// A local caller's uid, or `None` for another agent (over TCP, already
-/// authenticated by the cluster secret).
-fn local_uid<T>(req: &Request<T>) -> Option<u32> {
-    req.extensions()
-        .get::<UdsConnectInfo>()
-        .map(|i| i.peer_cred.map_or(u32::MAX, |c| c.uid()))
+/// A local caller's uid and gid (`u32::MAX` when the socket does not say),
+/// or `None` for another agent (over TCP, already authenticated by the
+/// cluster secret).
+fn local_cred<T>(req: &Request<T>) -> Option<(u32, u32)> {
+    req.extensions().get::<UdsConnectInfo>().map(|i| {
+        i.peer_cred
+            .map_or((u32::MAX, u32::MAX), |c| (c.uid(), c.gid()))
+    })
 }
 
 /// Calls only other agents may make.
 fn agents_only<T>(req: &Request<T>) -> Result<(), Status> {
-    if local_uid(req).is_some() {
+    if local_cred(req).is_some() {
         return Err(Status::permission_denied(
             "this call is for other agents, not local clients",
         ));
@@ -289,9 +291,9 @@ impl AgentRpc for AgentService {
         &self,
         req: Request<pb::MoveRequest>,
     ) -> Result<Response<Self::MoveStream>, Status> {
-        let uid = local_uid(&req);
+        let cred = local_cred(&req);
         let mut r = req.into_inner();
-        if let Some(uid) = uid {
+        if let Some((uid, _)) = cred {
             r.caller_uid = uid;
         }
         let s = source::start(Arc::clone(&self.inner), r).await?;
@@ -301,10 +303,10 @@ impl AgentRpc for AgentService {
     async fn run(&self, req: Request<pb::RunRequest>) -> Result<Response<pb::RunReply>, Status> {
         // A local caller runs as itself; another agent forwards a request
         // whose caller it already checked.
-        let uid = local_uid(&req);
+        let cred = local_cred(&req);
         let r = req.into_inner();
-        let uid = uid.unwrap_or(r.uid);
-        Ok(Response::new(run::start(&self.inner, r, uid).await?))
+        let cred = cred.unwrap_or((r.uid, r.gid));
+        Ok(Response::new(run::start(&self.inner, r, cred).await?))
     }
 
     async fn tasks(

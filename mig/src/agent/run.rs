@@ -13,17 +13,26 @@ use migfs_proto::meta::{
 
 use super::{AgentError, Inner};
 
-/// Starts `r.argv` here as user `uid` (the caller), with stdin on
+/// Starts `r.argv` here as the caller (`cred`: uid, gid), with stdin on
 /// /dev/null and stdout/stderr appended to the named files (on the global
 /// filesystem, so they follow the task), in a session of its own.
-pub async fn start(inner: &Inner, r: pb::RunRequest, uid: u32) -> Result<pb::RunReply, AgentError> {
+pub async fn start(
+    inner: &Inner,
+    r: pb::RunRequest,
+    (uid, gid): (u32, u32),
+) -> Result<pb::RunReply, AgentError> {
     if r.argv.is_empty() {
         return Err(AgentError::Invalid("no command to run".into()));
+    }
+    if uid != 0 && (r.uid, r.gid) != (uid, gid) {
+        return Err(AgentError::Denied(format!(
+            "uid {uid} (gid {gid}) may only run tasks as itself, not as uid {} gid {}",
+            r.uid, r.gid
+        )));
     }
     if !r.node.is_empty() && r.node != inner.cfg.name {
         let node = inner.node(&r.node).await?;
         let mut fwd = r.clone();
-        fwd.uid = if uid == 0 { r.uid } else { uid };
         fwd.node.clear();
         return inner
             .agent_at(&node.addr)?
@@ -31,11 +40,6 @@ pub async fn start(inner: &Inner, r: pb::RunRequest, uid: u32) -> Result<pb::Run
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| AgentError::rpc(format!("start the task on {}", node.name), &s));
-    }
-    if uid != 0 && (r.uid != uid) {
-        return Err(AgentError::Denied(format!(
-            "uid {uid} may only run tasks as itself"
-        )));
     }
     let out = |p: &[u8], what: &str| -> Result<Stdio, AgentError> {
         if p.is_empty() {

@@ -42,7 +42,6 @@ type Events = mpsc::Sender<Result<pb::MoveEvent, Status>>;
 /// A move this node is the source of: the page server's view of it.
 pub struct Serving {
     pages: PageSource,
-    served_pages: AtomicU64,
     served_bytes: AtomicU64,
     done: Mutex<Option<std_mpsc::Sender<pb::DrainedRequest>>>,
 }
@@ -59,8 +58,6 @@ impl Serving {
         self.pages
             .read(addr, &mut buf)
             .map_err(|e| Status::internal(format!("read {addr:#x}+{len}: {e}")))?;
-        self.served_pages
-            .fetch_add(u64::from(len).div_ceil(4096), Ordering::Relaxed);
         self.served_bytes
             .fetch_add(u64::from(len), Ordering::Relaxed);
         Ok(buf)
@@ -270,7 +267,6 @@ struct Move {
 #[derive(Default)]
 struct TargetSide {
     pid: u32,
-    restore_ms: f64,
     pages_eager: u64,
 }
 
@@ -445,7 +441,6 @@ impl Move {
         let (done_tx, done_rx) = std_mpsc::channel();
         let serving = Arc::new(Serving {
             pages,
-            served_pages: AtomicU64::new(0),
             served_bytes: AtomicU64::new(0),
             done: Mutex::new(Some(done_tx)),
         });
@@ -503,7 +498,6 @@ impl Move {
         let ready = match self.next_event(&mut events, "restore")? {
             receive_event::Event::Ready(r) => TargetSide {
                 pid: r.pid,
-                restore_ms: r.restore_ms,
                 pages_eager: r.pages_eager,
             },
             other => {
@@ -558,7 +552,6 @@ impl Move {
             pages_eager: stats.pages_bytes / 4096 + ready.pages_eager,
             ..Default::default()
         };
-        let _ = ready.restore_ms;
         Ok((report, ready, done_rx))
     }
 

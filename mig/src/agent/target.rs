@@ -73,6 +73,9 @@ fn why_not(r: &pb::PrepareRequest) -> Result<(), String> {
     Ok(())
 }
 
+/// How long a page fetch may take before the process is given up.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The source's page server, as the fault handler sees it.
 struct RemotePages {
     client: AgentClient,
@@ -82,11 +85,13 @@ struct RemotePages {
 
 impl PageFetch for RemotePages {
     fn fetch(&self, addr: u64, len: usize) -> Result<Vec<u8>, String> {
-        let req = pb::FetchRequest {
+        let mut req = tonic::Request::new(pb::FetchRequest {
             move_id: self.move_id,
             addr,
             len: u32::try_from(len).map_err(|_| format!("fetch of {len} bytes"))?,
-        };
+        });
+        // A faulting thread waits for this answer: never forever.
+        req.set_timeout(FETCH_TIMEOUT);
         let mut c = self.client.clone();
         self.rt
             .block_on(c.fetch_pages(req))
@@ -264,6 +269,14 @@ fn rebuild(
     let to_pid = u32::try_from(image_pid).unwrap_or(0);
     let session = (inner.cfg.session)();
     let mut meta = inner.meta.clone();
+    let client = match inner.agent_at(&b.source_addr) {
+        Ok(c) => c,
+        Err(e) => {
+            send(failed("connect", e));
+            let _ = std::fs::remove_dir_all(&inc.dir);
+            return;
+        }
+    };
     let held = match inner.rt.block_on(meta.move_locks(MoveLocksRequest {
         from_session: b.source_session,
         from_pid: b.source_pid,
@@ -274,13 +287,6 @@ fn rebuild(
         Err(s) => {
             send(failed("take locks", format!("hand-over: {}", s.message())));
             let _ = std::fs::remove_dir_all(&inc.dir);
-            return;
-        }
-    };
-    let client = match inner.agent_at(&b.source_addr) {
-        Ok(c) => c,
-        Err(e) => {
-            send(failed("connect", e));
             return;
         }
     };

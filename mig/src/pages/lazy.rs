@@ -295,7 +295,6 @@ impl State {
     /// Installs `data` at `addr` page by page where missing; returns the
     /// pages installed.
     fn install_run(&self, addr: u64, data: &[u8], demand: bool) -> u64 {
-        let mut done = 0u64;
         let mut at = 0usize;
         let mut pages = 0;
         while at < data.len() {
@@ -306,7 +305,6 @@ impl State {
             }
             let (n, err) = uffd::copy(&self.uffd, dst, &data[at..]);
             pages += n / PAGE;
-            done += n;
             at += usize::try_from(n).unwrap_or(0);
             match err {
                 None => break,
@@ -318,7 +316,6 @@ impl State {
                 }
             }
         }
-        let _ = done;
         pages
     }
 }

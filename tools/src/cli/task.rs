@@ -92,7 +92,19 @@ pub fn run_move(a: MoveArgs) -> anyhow::Result<ExitCode> {
         let mut s = c
             .r#move(req)
             .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .map_err(|s| {
+                let guessed = task_id != 0 && !a.what.starts_with('t');
+                if guessed {
+                    anyhow::anyhow!(
+                        "{} is no process on {} and no task either: {}",
+                        a.what,
+                        node.name,
+                        s.message()
+                    )
+                } else {
+                    anyhow::anyhow!("{}", s.message())
+                }
+            })?
             .into_inner();
         let mut report = None;
         while let Some(ev) = s.next().await {
@@ -286,8 +298,9 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<ExitCode> {
         stdout: bytes(&out),
         stderr: bytes(&err),
         pinned: a.pin,
-        uid: nix::unistd::getuid().as_raw(),
-        gid: nix::unistd::getgid().as_raw(),
+        // The agent compares them with the socket's peer credentials.
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
         home_node: 0,
         node: a.node.clone().unwrap_or_default(),
     };
@@ -301,7 +314,7 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<ExitCode> {
         println!("t{} {}", started.task_id, started.pid);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut relay = [Relay::new(&out, false)?, Relay::new(&err, true)?];
+    let mut relay = [Relay::new(&out, false), Relay::new(&err, true)];
     let code = loop {
         for r in &mut relay {
             r.pump()?;
@@ -338,12 +351,12 @@ struct Relay {
 }
 
 impl Relay {
-    fn new(path: &Path, stderr: bool) -> anyhow::Result<Relay> {
-        Ok(Relay {
+    fn new(path: &Path, stderr: bool) -> Relay {
+        Relay {
             path: path.to_owned(),
             at: 0,
             stderr,
-        })
+        }
     }
 
     fn pump(&mut self) -> anyhow::Result<()> {
