@@ -24,6 +24,52 @@ pub enum MigError {
     /// Rebuilding a process from an image.
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    /// Lazy memory: reading the original, filling the copy, dirty tracking.
+    #[error(transparent)]
+    Pages(#[from] PagesError),
+}
+
+/// Why moving memory pages failed (`mig::pages`).
+#[derive(Debug, thiserror::Error)]
+pub enum PagesError {
+    /// Reading /proc or another process's memory failed.
+    #[error("pages of pid {pid}: {what}: {source}")]
+    Io {
+        /// The process.
+        pid: i32,
+        /// What was done, naming the range.
+        what: String,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// A system call (userfaultfd, PAGEMAP_SCAN, ...) failed.
+    #[error("pages of pid {pid}: {what}: {errno}")]
+    Sys {
+        /// The process.
+        pid: i32,
+        /// What was done, naming the range.
+        what: String,
+        /// The errno.
+        errno: Errno,
+    },
+    /// A request outside what this process offers (not lazy memory, not
+    /// page-aligned, a kernel without a needed feature).
+    #[error("pages of pid {pid}: {what}")]
+    Refused {
+        /// The process.
+        pid: i32,
+        /// What and why.
+        what: String,
+    },
+    /// The fault handler of a lazy restore stopped on an error; the
+    /// process was killed.
+    #[error("lazy memory of pid {pid} failed: {why}")]
+    Failed {
+        /// The process.
+        pid: i32,
+        /// The first fatal error.
+        why: String,
+    },
 }
 
 /// Why a process was not frozen.

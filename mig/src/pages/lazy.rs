@@ -1,104 +1,132 @@
-//! Lazy restore: the lazy ranges are mapped empty and registered with a
-//! userfaultfd made inside the stub; a handler thread fills a missing page
-//! (and a read-ahead window around it) from [`PageFetch`] when the process
-//! first touches it, and [`LazyPages::install`] lets a caller push pages
-//! in while it runs. Ranges the process discards (`MADV_DONTNEED`, munmap)
-//! are never filled afterwards; ranges it moves (mremap) are fetched from
-//! their old addresses. [`LazyPages::finish`] closes the userfaultfd,
-//! which unregisters everything: after that the process owes nothing to
-//! the source.
+//! Lazy restore (copy-on-reference): the lazy ranges of an image are
+//! mapped empty and registered with a userfaultfd made inside the stub; a
+//! handler thread here fills a missing page (and a read-ahead window
+//! around it) from [`PageFetch`] when the process first touches it, and
+//! [`LazyPages::install`] lets any thread push pages in while it runs.
+//! [`LazyPages::finish`] closes the userfaultfd, which unregisters
+//! everything: after that the process owes nothing to the source.
 //!
-//! A fetch that fails leaves the faulting thread with no page to read:
-//! the process is killed with SIGKILL (it cannot go on correctly) and the
-//! error is kept for [`LazyStats::error`].
+//! # What the process does to its memory meanwhile
+//! The userfaultfd reports `MADV_DONTNEED`/`MADV_FREE` (remove), munmap
+//! (unmap) and mremap (remap) of lazy memory. An [`OriginMap`](super::ranges::OriginMap) tracks,
+//! for every address, where its data is in the original: discarded and
+//! unmapped ranges have none (a missing page there is filled with the zero
+//! page, and a push never fills it), a moved range is fetched from its old
+//! address, and memory the process grows (stack, mremap) reads as zeros.
+//! Events are applied under the map's write lock, and every install holds
+//! the read lock while it checks the map and copies, so a push cannot fill
+//! a range after the process discarded it: the kernel blocks `UFFDIO_COPY`
+//! (EAGAIN) while an event is not yet read, and the reader applies it
+//! before anyone copies again.
+//!
+//!
+//! A `fork` while memory is lazy hands us the child's userfaultfd (fork
+//! event): the child is served like its parent, from a copy of the
+//! parent's origin map at the fork, and pushes fill it too; a child that
+//! exits or execs is dropped at the next push that finds it gone.
+//!
+//! # Errors
+//! A fetch that fails (or returns the wrong length) leaves a thread with
+//! no page to read: the process and its descendants are killed with
+//! SIGKILL (the process through its pidfd; it cannot go on correctly),
+//! the error is kept ([`LazyPages::failed`], [`LazyStats::error`]) and
+//! later installs return it. A restore still in progress then fails
+//! naming it.
+//!
+//! # Limits
+//! - A thread touching the destination of an `mremap(MREMAP_FIXED)` that
+//!   another thread is still doing may get zeros there.
+//! - [`PageFetch::fetch`] must return in bounded time: the handler (and
+//!   [`LazyPages::finish`]) waits for it.
+//! - Pages still missing at [`LazyPages::finish`] read as zeros after it:
+//!   finish only after every page was pushed.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use migfs_proto::image::Image;
 use nix::errno::Errno;
-use parking_lot::Mutex;
 
-use crate::error::{RestoreCause, RestoreError, Step};
+use super::fill::{State, Stop};
+use crate::error::{MigError, PagesError, RestoreCause, RestoreError, Step};
 use crate::restore::inject::{Call, Target};
 use crate::sys::{reap, uffd};
 
 /// Read-ahead window of a demand fault.
-const WINDOW: u64 = 64 << 10;
+pub const WINDOW: u64 = 64 << 10;
+/// Largest window: faults that follow each other (a sequential scan)
+/// double it up to this.
+pub const MAX_WINDOW: u64 = 2 << 20;
 const PAGE: u64 = 4096;
-/// [`PAGE`] as a length.
-const PAGE_LEN: usize = 4096;
+/// Features a lazy restore needs.
+const FEATURES: u64 = uffd::FEATURE_EVENT_REMOVE
+    | uffd::FEATURE_EVENT_UNMAP
+    | uffd::FEATURE_EVENT_REMAP
+    | uffd::FEATURE_EVENT_FORK;
 
 /// Where missing pages come from (the source's page server).
 pub trait PageFetch: Send + Sync {
-    /// The `len` bytes at `addr` of the original.
+    /// The `len` bytes at `addr` of the original (page-aligned, inside
+    /// one lazy range).
     fn fetch(&self, addr: u64, len: usize) -> Result<Vec<u8>, String>;
 }
 
-/// Installs pages before the process runs (stop-and-copy).
+/// Installs pages before the process runs (stop-and-copy, pre-copy).
 pub type Preload = Box<dyn FnOnce(&LazyPages) -> Result<(), String> + Send>;
 
 /// How to restore lazily.
 pub struct LazyConfig {
     /// Source of missing pages.
     pub fetch: Arc<dyn PageFetch>,
-    /// Run after registration, before the process's threads run.
+    /// Run after registration and handler start, before the process's
+    /// threads run.
     pub preload: Option<Preload>,
 }
 
 /// Counters of a lazy restore.
 #[derive(Clone, Debug, Default)]
 pub struct LazyStats {
-    /// Faults served.
+    /// Faults served (including ones another install had already filled).
     pub demand_faults: u64,
     /// Pages installed for faults (incl. read-ahead).
     pub demand_pages: u64,
+    /// Faults served with the zero page (discarded, unmapped or grown
+    /// memory).
+    pub zero_pages: u64,
     /// Pages installed through [`LazyPages::install`].
     pub installed_pages: u64,
+    /// Bytes installed, both ways.
+    pub bytes: u64,
     /// Bytes fetched for faults.
     pub demand_bytes: u64,
+    /// Time spent in [`PageFetch::fetch`].
+    pub fetch_time: Duration,
+    /// Discard and unmap events seen.
+    pub discards: u64,
+    /// mremap events seen.
+    pub moves: u64,
+    /// Children forked while memory was lazy (served too).
+    pub forks: u64,
     /// The first fatal error, if any (the process was killed).
     pub error: Option<String>,
 }
 
-/// What the handler and the pushers share.
-struct State {
-    uffd: OwnedFd,
-    pid: i32,
-    lazy: Vec<(u64, u64)>,
-    /// Discarded or unmapped: never filled again.
-    removed: Mutex<Vec<(u64, u64)>>,
-    /// mremap'd: (new start, old start, len).
-    moved: Mutex<Vec<(u64, u64, u64)>>,
-    demand_faults: AtomicU64,
-    demand_pages: AtomicU64,
-    installed_pages: AtomicU64,
-    demand_bytes: AtomicU64,
-    error: Mutex<Option<String>>,
+/// A running lazy restore. `Send + Sync`: [`LazyPages::install`] may be
+/// called from several threads at once.
+pub struct LazyPages {
+    inner: Option<Inner>,
 }
 
-/// A running lazy restore.
-pub struct LazyPages {
-    st: Option<Arc<State>>,
-    stop: Option<OwnedFd>,
+struct Inner {
+    st: Arc<State>,
+    stop: OwnedFd,
     handler: Option<JoinHandle<()>>,
 }
 
-fn sys(what: &str) -> impl FnOnce(Errno) -> RestoreError + '_ {
-    move |errno| {
-        RestoreError::new(
-            Step::WriteMemory,
-            RestoreCause::Sys {
-                what: what.to_owned(),
-                errno,
-            },
-        )
-    }
-}
-
-fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
+fn restore_err(what: &str) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
     move |source| {
         RestoreError::new(
             Step::WriteMemory,
@@ -110,30 +138,35 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
     }
 }
 
+fn restore_sys(what: String) -> impl FnOnce(Errno) -> RestoreError {
+    move |errno| RestoreError::new(Step::WriteMemory, RestoreCause::Sys { what, errno })
+}
+
 /// Registers the image's lazy ranges in the stub `t`, starts the fault
-/// handler and runs the preload.
+/// handler and runs the preload. With no lazy ranges, only the preload
+/// runs (its installs do nothing).
 pub fn start<T: Target>(
     t: &mut T,
     img: &Image,
     cfg: LazyConfig,
 ) -> Result<LazyPages, RestoreError> {
-    let lazy = super::lazy_ranges(img);
-    let mut lp = LazyPages {
-        st: None,
-        stop: None,
-        handler: None,
-    };
+    let lazy = super::ranges::normalize(super::lazy_ranges(img));
+    let mut lp = LazyPages { inner: None };
     if !lazy.is_empty() {
-        let st = Arc::new(make_state(t, lazy)?);
-        let (stop_r, stop_w) = uffd::pipe().map_err(sys("pipe"))?;
+        let (st, kick_r) = make_state(t, &lazy)?;
+        let st = Arc::new(st);
+        let (stop_r, stop_w) = uffd::pipe().map_err(restore_sys("pipe".into()))?;
         let (st2, fetch) = (Arc::clone(&st), Arc::clone(&cfg.fetch));
         let h = std::thread::Builder::new()
-            .name("uffd-faults".into())
-            .spawn(move || handle(&st2, fetch.as_ref(), &stop_r))
-            .map_err(io_err("start the fault handler"))?;
-        lp.st = Some(st);
-        lp.stop = Some(stop_w);
-        lp.handler = Some(h);
+            .name(format!("uffd-{}", t.pid()))
+            .spawn(move || handler(&st2, fetch.as_ref(), &stop_r, &kick_r))
+            .map_err(restore_err("start the fault handler"))?;
+        lp.inner = Some(Inner {
+            st,
+            stop: stop_w,
+            handler: Some(h),
+        });
+        tracing::debug!(pid = t.pid(), ranges = lazy.len(), "lazy memory registered");
     }
     if let Some(pre) = cfg.preload {
         pre(&lp).map_err(|why| {
@@ -146,236 +179,188 @@ pub fn start<T: Target>(
     Ok(lp)
 }
 
-fn make_state<T: Target>(t: &mut T, lazy: Vec<(u64, u64)>) -> Result<State, RestoreError> {
-    let flags = u32::try_from(libc::O_CLOEXEC | libc::O_NONBLOCK).unwrap_or(0);
-    let fd = t.call(0, &Call::Userfaultfd { flags }).map_err(|e| {
-        RestoreError::new(
+/// The lazy state of the stub `t`: its userfaultfd with every lazy range
+/// registered. Also returns the read end of the kick pipe.
+fn make_state<T: Target>(t: &mut T, lazy: &[(u64, u64)]) -> Result<(State, OwnedFd), RestoreError> {
+    let available = uffd::available_features().map_err(restore_err("userfaultfd features"))?;
+    if available & FEATURES != FEATURES {
+        return Err(RestoreError::new(
             Step::WriteMemory,
-            crate::restore::files::cause("userfaultfd".into(), e),
-        )
-    })?;
-    let fd = i32::try_from(fd).map_err(|_| sys("userfaultfd")(Errno::EBADF))?;
-    let pidfd = reap::pidfd_open(t.pid()).map_err(io_err("pidfd_open"))?;
-    let ours = uffd::pidfd_getfd(&pidfd, fd).map_err(io_err("pidfd_getfd"))?;
-    t.call(0, &Call::Close { fd }).map_err(|e| {
-        RestoreError::new(
-            Step::WriteMemory,
-            crate::restore::files::cause("close".into(), e),
-        )
-    })?;
-    let features =
-        uffd::FEATURE_EVENT_REMOVE | uffd::FEATURE_EVENT_UNMAP | uffd::FEATURE_EVENT_REMAP;
-    uffd::api(&ours, features).map_err(sys("UFFDIO_API"))?;
-    for &(s, e) in &lazy {
-        uffd::register(&ours, s, e - s)
-            .map_err(|errno| sys(&format!("UFFDIO_REGISTER {s:#x}-{e:#x}"))(errno))?;
+            RestoreCause::Refused(format!(
+                "this kernel's userfaultfd lacks fork/remove/unmap/remap events (features {available:#x})"
+            )),
+        ));
     }
-    Ok(State {
-        uffd: ours,
-        pid: t.pid(),
-        lazy,
-        removed: Mutex::new(Vec::new()),
-        moved: Mutex::new(Vec::new()),
-        demand_faults: AtomicU64::new(0),
-        demand_pages: AtomicU64::new(0),
-        installed_pages: AtomicU64::new(0),
-        demand_bytes: AtomicU64::new(0),
-        error: Mutex::new(None),
-    })
+    let (ours, pidfd) = take_uffd(t)?;
+    uffd::api(&ours, FEATURES).map_err(restore_sys("UFFDIO_API".into()))?;
+    for &(s, e) in lazy {
+        uffd::register(&ours, s, e - s, uffd::MODE_MISSING)
+            .map_err(restore_sys(format!("UFFDIO_REGISTER {s:#x}-{e:#x}")))?;
+    }
+    let (kick_r, kick_w) = uffd::pipe().map_err(restore_sys("pipe".into()))?;
+    Ok((State::new(t.pid(), pidfd, ours, lazy, kick_w), kick_r))
 }
 
-/// The fault loop, until `stop` becomes readable.
-fn handle(st: &State, fetch: &dyn PageFetch, stop: &OwnedFd) {
+/// A userfaultfd made in the stub (it covers the mm of its maker; the
+/// stub is still privileged, so faults from kernel mode are reported
+/// too), taken here with `pidfd_getfd` and closed there; and the stub's
+/// pidfd.
+fn take_uffd<T: Target>(t: &mut T) -> Result<(OwnedFd, OwnedFd), RestoreError> {
+    let cause = |what: &str| {
+        let what = what.to_owned();
+        move |e| RestoreError::new(Step::WriteMemory, crate::restore::files::cause(what, e))
+    };
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK).cast_unsigned();
+    let fd = t
+        .call(0, &Call::Userfaultfd { flags })
+        .map_err(cause("userfaultfd in the stub"))?;
+    let fd = i32::try_from(fd).map_err(|_| restore_sys("userfaultfd".into())(Errno::EBADF))?;
+    let pidfd = reap::pidfd_open(t.pid()).map_err(restore_err("pidfd_open the stub"))?;
+    let ours = uffd::pidfd_getfd(&pidfd, fd);
+    t.call(0, &Call::Close { fd })
+        .map_err(cause("close the userfaultfd in the stub"))?;
+    let ours = ours.map_err(restore_err("pidfd_getfd the userfaultfd"))?;
+    Ok((ours, pidfd))
+}
+
+/// The fault loop, until `stop` becomes readable: serves queued faults,
+/// then waits for a message on any address space's userfaultfd.
+fn handler(st: &State, fetch: &dyn PageFetch, stop: &OwnedFd, kick: &OwnedFd) {
     loop {
-        match uffd::poll2(&st.uffd, stop) {
-            Ok(true) => {}
-            Ok(false) => return,
+        while let Some((mm, addr)) = st.next_fault() {
+            st.fault(&mm, addr, fetch);
+        }
+        let mms = st.mms();
+        let mut fds: Vec<&OwnedFd> = vec![stop, kick];
+        fds.extend(mms.iter().map(|m| &m.uffd));
+        let ready = match uffd::poll(&fds) {
+            Ok(r) => r,
             Err(e) => {
-                st.fail(format!("poll: {e}"));
-                return;
-            }
-        }
-        loop {
-            match uffd::read_msg(&st.uffd) {
-                Ok(None) => break,
-                Ok(Some(m)) => st.on_msg(m, fetch),
-                Err(e) => {
-                    st.fail(format!("read: {e}"));
-                    return;
-                }
-            }
-        }
-    }
-}
-
-impl State {
-    fn fail(&self, why: String) {
-        tracing::error!(pid = self.pid, error = %why, "lazy memory failed; killing the process");
-        self.error.lock().get_or_insert(why);
-        // SAFETY: kill takes a pid and a signal number.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-    }
-
-    fn on_msg(&self, m: uffd::Msg, fetch: &dyn PageFetch) {
-        match m {
-            uffd::Msg::Fault(addr) => self.fault(addr & !(PAGE - 1), fetch),
-            uffd::Msg::Removed(s, e) => self.removed.lock().push((s, e)),
-            uffd::Msg::Remap { from, to, len } => {
-                let old = self.origin(from);
-                self.moved.lock().push((to, old, len));
-                self.removed.lock().push((from, from + len));
-            }
-            uffd::Msg::Other(_) => {}
-        }
-    }
-
-    /// Where the page now at `addr` lived in the original.
-    fn origin(&self, addr: u64) -> u64 {
-        self.moved
-            .lock()
-            .iter()
-            .rev()
-            .find(|&&(to, _, len)| to <= addr && addr < to + len)
-            .map_or(addr, |&(to, old, _)| old + (addr - to))
-    }
-
-    fn is_removed(&self, addr: u64) -> bool {
-        self.removed
-            .lock()
-            .iter()
-            .any(|&(s, e)| s <= addr && addr < e)
-    }
-
-    fn fault(&self, page: u64, fetch: &dyn PageFetch) {
-        self.demand_faults.fetch_add(1, Ordering::Relaxed);
-        // A read-ahead window inside the lazy range, not crossing what was
-        // discarded or moved.
-        let moved = self
-            .moved
-            .lock()
-            .iter()
-            .any(|&(to, _, len)| to <= page && page < to + len);
-        let (lo, hi) = if moved {
-            (page, page + PAGE)
-        } else {
-            let r = self.lazy.iter().find(|&&(s, e)| s <= page && page < e);
-            let start = (page & !(WINDOW - 1)).max(r.map_or(page, |r| r.0));
-            let end = (start + WINDOW).min(r.map_or(page + PAGE, |r| r.1));
-            (start, end.max(page + PAGE))
-        };
-        let len = usize::try_from(hi - lo).unwrap_or(4096);
-        let data = if self.is_removed(page) {
-            Ok(vec![0u8; PAGE_LEN])
-        } else {
-            fetch.fetch(self.origin(lo), len)
-        };
-        let data = match data {
-            Ok(d) if d.len() as u64 == hi - lo || self.is_removed(page) => d,
-            Ok(d) => {
-                self.fail(format!(
-                    "page server sent {} bytes for {lo:#x}+{len}",
-                    d.len()
-                ));
-                return;
-            }
-            Err(e) => {
-                self.fail(format!("fetch {page:#x}: {e}"));
+                st.fail(format!("poll the userfaultfd: {e}"));
                 return;
             }
         };
-        let base = if self.is_removed(page) { page } else { lo };
-        let n = self.install_run(base, &data, true);
-        self.demand_pages.fetch_add(n, Ordering::Relaxed);
-        self.demand_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        // The faulting page may have been filled by someone else first.
-        let _ = uffd::wake(&self.uffd, page, PAGE);
-    }
-
-    /// Installs `data` at `addr` page by page where missing; returns the
-    /// pages installed.
-    fn install_run(&self, addr: u64, data: &[u8], demand: bool) -> u64 {
-        let mut at = 0usize;
-        let mut pages = 0;
-        while at < data.len() {
-            let dst = addr + at as u64;
-            if !demand && self.is_removed(dst) {
-                at += PAGE_LEN;
-                continue;
-            }
-            let (n, err) = uffd::copy(&self.uffd, dst, &data[at..]);
-            pages += n / PAGE;
-            at += usize::try_from(n).unwrap_or(0);
-            match err {
-                None => break,
-                Some(Errno::EEXIST | Errno::ENOENT | Errno::EINVAL) => at += PAGE_LEN,
-                Some(Errno::EAGAIN) => std::thread::yield_now(),
-                Some(e) => {
-                    tracing::warn!(addr = dst, error = %e, "UFFDIO_COPY failed");
-                    break;
-                }
+        if ready[1] {
+            let mut buf = [0u8; 64];
+            while matches!(nix::unistd::read(kick, &mut buf), Ok(n) if n > 0) {}
+        }
+        for (mm, _) in mms.iter().zip(&ready[2..]).filter(|(_, r)| **r) {
+            if let Err(e) = st.drain(mm) {
+                st.fail(format!("read the userfaultfd: {e}"));
+                return;
             }
         }
-        pages
+        if ready[0] {
+            // Serve what is already asked for, then stop.
+            for mm in &mms {
+                let _ = st.drain(mm);
+            }
+            while let Some((mm, addr)) = st.next_fault() {
+                st.fault(&mm, addr, fetch);
+            }
+            return;
+        }
     }
 }
 
 impl LazyPages {
-    /// Installs `data` (whole pages) at `addr` of the original where the
-    /// process has no page yet; returns the pages newly installed.
-    pub fn install(&self, addr: u64, data: &[u8]) -> Result<u64, String> {
-        let Some(st) = &self.st else { return Ok(0) };
-        if let Some(e) = st.error.lock().clone() {
-            return Err(e);
+    /// Installs `data` (whole pages) that the original had at `addr`,
+    /// wherever the process has no page for it yet; returns the pages
+    /// newly installed. Pages the process already has, discarded or
+    /// unmapped are skipped. Safe to call from several threads, and while
+    /// the fault handler runs (the background push).
+    pub fn install(&self, addr: u64, data: &[u8]) -> Result<u64, MigError> {
+        let Some(inner) = &self.inner else {
+            return Ok(0);
+        };
+        let st = &inner.st;
+        if !addr.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
+            return Err(PagesError::Refused {
+                pid: st.pid,
+                what: format!("install {addr:#x}+{:#x}: not whole pages", data.len()),
+            }
+            .into());
         }
-        let dst = st.destination(addr);
-        let n = st.install_run(dst, data, false);
-        st.installed_pages.fetch_add(n, Ordering::Relaxed);
-        Ok(n)
+        if let Some(why) = st.failed() {
+            return Err(PagesError::Failed { pid: st.pid, why }.into());
+        }
+        match st.install(addr, data) {
+            Ok(n) => {
+                st.c.installed_pages.fetch_add(n, Ordering::Relaxed);
+                Ok(n)
+            }
+            Err(Stop::Gone) => Err(PagesError::Refused {
+                pid: st.pid,
+                what: "the process is gone".into(),
+            }
+            .into()),
+            Err(Stop::Sys(errno)) => Err(PagesError::Sys {
+                pid: st.pid,
+                what: format!("UFFDIO_COPY {addr:#x}+{:#x}", data.len()),
+                errno,
+            }
+            .into()),
+        }
     }
 
     /// The counters so far.
     pub fn stats(&self) -> LazyStats {
-        let Some(st) = &self.st else {
+        let Some(inner) = &self.inner else {
             return LazyStats::default();
         };
+        let c = &inner.st.c;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         LazyStats {
-            demand_faults: st.demand_faults.load(Ordering::Relaxed),
-            demand_pages: st.demand_pages.load(Ordering::Relaxed),
-            installed_pages: st.installed_pages.load(Ordering::Relaxed),
-            demand_bytes: st.demand_bytes.load(Ordering::Relaxed),
-            error: st.error.lock().clone(),
+            demand_faults: get(&c.demand_faults),
+            demand_pages: get(&c.demand_pages),
+            zero_pages: get(&c.zero_pages),
+            installed_pages: get(&c.installed_pages),
+            bytes: get(&c.bytes),
+            demand_bytes: get(&c.demand_bytes),
+            fetch_time: Duration::from_nanos(get(&c.fetch_ns)),
+            discards: get(&c.discards),
+            moves: get(&c.moves),
+            forks: get(&c.forks),
+            error: inner.st.failed(),
         }
     }
 
-    /// Stops the handler and closes the userfaultfd (unregistering every
-    /// range); returns the final counters.
+    /// The handler's fatal error, if it had one (the process was killed).
+    pub fn failed(&self) -> Option<String> {
+        self.inner.as_ref().and_then(|i| i.st.failed())
+    }
+
+    /// Whether there is lazy memory at all.
+    pub fn is_active(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Runs `[start, end)` of the process whose data is still to come from
+    /// the original (after discards and moves), in original addresses.
+    pub fn pending_origins(&self) -> Vec<(u64, u64)> {
+        let Some(inner) = &self.inner else {
+            return Vec::new();
+        };
+        inner.st.pending_origins()
+    }
+
+    /// Stops the handler (after serving the faults already reported) and
+    /// closes the userfaultfd, which unregisters every range; returns the
+    /// final counters. Pages not installed by then read as zeros.
     pub fn finish(mut self) -> LazyStats {
-        let stats = self.stats();
         self.stop_handler();
+        let stats = self.stats();
+        self.inner = None;
         stats
     }
 
     fn stop_handler(&mut self) {
-        if let Some(w) = self.stop.take() {
-            let _ = nix::unistd::write(&w, b"x");
+        if let Some(inner) = &mut self.inner {
+            let _ = nix::unistd::write(&inner.stop, b"x");
+            if let Some(h) = inner.handler.take() {
+                let _ = h.join();
+            }
         }
-        if let Some(h) = self.handler.take() {
-            let _ = h.join();
-        }
-        self.st = None;
-    }
-}
-
-impl State {
-    /// Where a page of the original at `addr` is now (after mremap).
-    fn destination(&self, addr: u64) -> u64 {
-        self.moved
-            .lock()
-            .iter()
-            .rev()
-            .find(|&&(_, old, len)| old <= addr && addr < old + len)
-            .map_or(addr, |&(to, old, _)| to + (addr - old))
     }
 }
 

@@ -1,14 +1,24 @@
-//! Memory that moves after the process: which ranges are left out of an
-//! image ("lazy"), the source's reader of a frozen process's memory, and
-//! the target's userfaultfd handler that fills them on first touch or by
-//! a push (DESIGN "Migration", step 7).
+//! Memory that moves apart from the image (DESIGN "Migration", steps 2
+//! and 7; docs/checkpoint-restore.md "Lazy memory and dirty tracking").
+//!
+//! - which ranges an image leaves out ("lazy": [`lazy_ranges`]);
+//! - [`source`]: the source's reader of a frozen process's memory;
+//! - [`lazy`]: the target's userfaultfd handler that fills the lazy ranges
+//!   on first touch, by a push, or before the process runs (preload);
+//! - [`dirty`]: dirty-page tracking of a running process for pre-copy;
+//! - [`ranges`]: the address-range arithmetic they share.
 
+pub mod dirty;
+mod fill;
 pub mod lazy;
+pub mod ranges;
 pub mod source;
 
 use migfs_proto::image::{Image, VmaKind};
 
+pub use dirty::Tracker;
 pub use lazy::{LazyConfig, LazyPages, LazyStats, PageFetch, Preload};
+pub use source::PageSource;
 
 /// Whether a mapping's pages may be left out of the image and fetched
 /// later: private anonymous memory (heap, stack, anonymous mappings) that
@@ -58,6 +68,14 @@ mod tests {
         assert!(!is_lazy_kind(anon, false, 0));
         assert!(!is_lazy_kind(VmaKind::VmaFile as i32, false, 3));
         assert!(!is_lazy_kind(VmaKind::VmaVdsoBlock as i32, false, 5));
+    }
+
+    #[test]
+    fn shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<LazyPages>();
+        send_sync::<PageSource>();
+        send_sync::<Tracker>();
     }
 
     #[test]

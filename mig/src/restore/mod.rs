@@ -85,6 +85,7 @@ pub fn restore_with(
     let t0 = Instant::now();
     let persist::ImageDir { image, pages } = persist::read_image(dir)
         .map_err(|e| RestoreError::new(Step::ReadImage, RestoreCause::Image(e)))?;
+    check_lazy(&image, &extras)?;
     check_vdso(&image)?;
     let resolved = files::resolve(&image)?;
     let ours = own_creds()?;
@@ -160,6 +161,35 @@ pub fn rebuild<T: Target>(
         Some(cfg) => Some(crate::pages::lazy::start(t, img, cfg)?),
         None => None,
     };
+    let res = rest(t, img, r, opts, ours, extras, t0);
+    match res {
+        Ok(memory) => Ok(RebuildStats {
+            bytes,
+            memory,
+            lazy,
+        }),
+        // A step that failed because the page source did (the handler
+        // killed the stub) says so.
+        Err(e) => match lazy.as_ref().and_then(crate::pages::LazyPages::failed) {
+            Some(why) => Err(RestoreError::new(
+                e.step,
+                RestoreCause::Refused(format!("lazy memory failed: {why} (then: {})", e.cause)),
+            )),
+            None => Err(e),
+        },
+    }
+}
+
+/// The steps after memory; returns the time memory took.
+fn rest<T: Target>(
+    t: &mut T,
+    img: &Image,
+    r: &files::Resolved,
+    opts: &RestoreOptions,
+    ours: &Creds,
+    extras: &mut Extras,
+    t0: Instant,
+) -> Result<Duration, RestoreError> {
     mm::seal_memory(t, img)?;
     let memory = t0.elapsed();
     mm::mm_fields(t, img, r)?;
@@ -173,11 +203,26 @@ pub fn rebuild<T: Target>(
         hold(t.pid()).map_err(|why| refused(Step::Resume, why))?;
     }
     state::resume(t, img, &tids)?;
-    Ok(RebuildStats {
-        bytes,
-        memory,
-        lazy,
-    })
+    Ok(memory)
+}
+
+/// An image whose lazy memory is not in it cannot be restored without a
+/// page source.
+fn check_lazy(img: &Image, extras: &Extras) -> Result<(), RestoreError> {
+    let lazy = crate::pages::lazy_ranges(img);
+    if extras.lazy.is_none() && !lazy.is_empty() {
+        let bytes = crate::pages::ranges::total(&lazy);
+        return Err(refused(
+            Step::ReadImage,
+            format!(
+                "the image leaves {} KiB of memory in {} lazy ranges to a page source; \
+                 restore it with a lazy configuration",
+                bytes >> 10,
+                lazy.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn refused(step: Step, why: String) -> RestoreError {

@@ -9,6 +9,7 @@ pub mod abi;
 pub mod clone3;
 pub mod inject;
 pub mod mem;
+pub mod pagemap;
 pub mod procfs;
 pub mod ptrace;
 pub mod reap;

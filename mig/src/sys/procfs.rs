@@ -312,6 +312,14 @@ pub const PM_FILE: u64 = 1 << 61;
 /// pagemap bit 58: guard region (6.15).
 pub const PM_GUARD: u64 = 1 << 58;
 
+/// Whether a pagemap entry is a pte marker (the userfaultfd write-protect
+/// marker of a never-populated page, a guard), not a swapped page: swap
+/// type 31 (`SWP_PTE_MARKER`, the last of the 5-bit types). Only visible
+/// with CAP_SYS_ADMIN (the swap type is in the frame bits).
+pub fn is_pte_marker(entry: u64) -> bool {
+    entry & PM_SWAP != 0 && entry & 0x1f == 0x1f
+}
+
 impl Pagemap {
     /// Opens `/proc/PID/pagemap`.
     pub fn open(pid: Pid) -> io::Result<Pagemap> {

@@ -1,0 +1,919 @@
+//! Lazy memory and dirty tracking with real processes (C programs in
+//! `tests/progs`, built with gcc here): capture without anonymous memory,
+//! restore with userfaultfd on this machine while the original stays
+//! frozen and serves its pages (so the copy gets a new PID), pushes,
+//! preloads, discards, failing fetches; and dirty tracking of a running
+//! process for pre-copy.
+//!
+//! Needs root (ptrace, pidfd_getfd, clone3, PR_SET_MM_MAP), a kernel with
+//! userfaultfd write-protect (WP_ASYNC, WP_UNPOPULATED) and PAGEMAP_SCAN
+//! (6.7+), and gcc: otherwise SKIP, or fail when MIGFS_REQUIRE_PRIV=1.
+//! Every process a test starts is owned by a guard that kills and reaps
+//! it, also when the test panics.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use migfs_mig::capture::{self, CaptureOptions};
+use migfs_mig::freeze::{self, Frozen};
+use migfs_mig::pages::{self, LazyConfig, LazyPages, PageFetch, PageSource, Tracker};
+use migfs_mig::restore::{self, Extras, RestoreOptions};
+use migfs_mig::sys::uffd;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const PAGE: u64 = 4096;
+const WAIT_MS: u64 = 60_000;
+
+// ---------------------------------------------------------------- probe
+
+fn probe() -> Result<(), String> {
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    if field("Uid").split_whitespace().nth(1) != Some("0") {
+        return Err("needs root".into());
+    }
+    let caps = u64::from_str_radix(&field("CapEff"), 16).unwrap_or(0);
+    if caps & (1 << 19) == 0 || caps & (1 << 21) == 0 {
+        return Err("needs CAP_SYS_PTRACE and CAP_SYS_ADMIN".into());
+    }
+    let want = uffd::FEATURE_EVENT_REMOVE
+        | uffd::FEATURE_EVENT_UNMAP
+        | uffd::FEATURE_EVENT_REMAP
+        | uffd::FEATURE_WP_ASYNC
+        | uffd::FEATURE_WP_UNPOPULATED;
+    let have = uffd::available_features().map_err(|e| format!("no userfaultfd: {e}"))?;
+    if have & want != want {
+        return Err(format!(
+            "userfaultfd lacks features {:#x} (kernel too old)",
+            want & !have
+        ));
+    }
+    if !migfs_mig::sys::pagemap::supported() {
+        return Err("no PAGEMAP_SCAN (kernel older than 6.7)".into());
+    }
+    match Command::new("gcc").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => Err("needs gcc to build the test programs".into()),
+    }
+}
+
+/// Whether these tests can run; see the module doc.
+fn require() -> bool {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    match PROBE.get_or_init(probe) {
+        Ok(()) => true,
+        Err(why) if std::env::var("MIGFS_REQUIRE_PRIV").as_deref() == Ok("1") => {
+            panic!("MIGFS_REQUIRE_PRIV=1 but the pages tests cannot run: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIP: {why}");
+            false
+        }
+    }
+}
+
+// ------------------------------------------------------------- programs
+
+/// Builds `tests/progs/<name>.c` once per test binary.
+fn prog(name: &str) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = DIR.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::Builder::new()
+            .prefix("migfs-pages-progs-")
+            .tempdir()
+            .unwrap();
+        // Readable by the unprivileged user one test runs a program as.
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    });
+    let out = dir.path().join(name);
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !out.exists() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/progs")
+            .join(format!("{name}.c"));
+        let o = Command::new("gcc")
+            .args(["-O1", "-Wall", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .output()
+            .expect("run gcc");
+        assert!(
+            o.status.success(),
+            "gcc {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    out
+}
+
+// --------------------------------------------------------------- guards
+
+/// A process under test, killed and reaped on drop.
+struct Proc {
+    pid: i32,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(bin: &Path, args: &[&str]) -> Proc {
+        Proc::start_as(bin, args, None)
+    }
+
+    /// [`Proc::start`] as user `uid` (and group `uid`) when given.
+    fn start_as(bin: &Path, args: &[&str], uid: Option<u32>) -> Proc {
+        let mut cmd = Command::new(bin);
+        if let Some(id) = uid {
+            std::os::unix::process::CommandExt::uid(&mut cmd, id);
+            std::os::unix::process::CommandExt::gid(&mut cmd, id);
+        }
+        let child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start test program");
+        Proc {
+            pid: i32::try_from(child.id()).unwrap(),
+            child: Some(child),
+        }
+    }
+
+    /// A process restored by this test process (its child, no `Child`).
+    fn adopt(pid: i32) -> Proc {
+        Proc { pid, child: None }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.pid)
+    }
+
+    fn signal(&self, s: Signal) {
+        kill(self.pid(), s).expect("signal the test program");
+    }
+
+    /// Waits up to `ms` for it to end; its wait status.
+    fn wait_gone(&mut self, ms: u64) -> Option<nix::sys::wait::WaitStatus> {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let end = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < end {
+            match waitpid(self.pid(), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => thread::sleep(Duration::from_millis(10)),
+                Ok(s) => {
+                    self.pid = 0;
+                    return Some(s);
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.pid <= 0 {
+            return;
+        }
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        match &mut self.child {
+            Some(c) => drop(c.wait()),
+            None => drop(nix::sys::wait::waitpid(self.pid(), None)),
+        }
+    }
+}
+
+// -------------------------------------------------------------- helpers
+
+/// Waits up to `ms` for a line of `path` starting with `prefix`.
+fn wait_line(path: &Path, prefix: &str, ms: u64) -> String {
+    let end = Instant::now() + Duration::from_millis(ms);
+    loop {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+            return l.to_owned();
+        }
+        assert!(
+            Instant::now() < end,
+            "no line starting with {prefix:?} in {} after {ms} ms:\n{text}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The number of lines of `path` starting with `prefix`.
+fn count_lines(path: &Path, prefix: &str) -> usize {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .count()
+}
+
+/// Waits for the `n`-th line starting with `prefix`; returns it.
+fn wait_nth(path: &Path, prefix: &str, n: usize, ms: u64) -> String {
+    let end = Instant::now() + Duration::from_millis(ms);
+    while count_lines(path, prefix) < n {
+        assert!(
+            Instant::now() < end,
+            "fewer than {n} lines {prefix:?} in {}:\n{}",
+            path.display(),
+            fs::read_to_string(path).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .nth(n - 1)
+        .unwrap()
+        .to_owned()
+}
+
+fn parse_addr(line: &str) -> u64 {
+    let hex = line
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .trim_start_matches("0x");
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+/// Whether `pid` holds a userfaultfd descriptor.
+fn has_uffd(pid: i32) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .any(|l| l.to_string_lossy().contains("userfaultfd"))
+}
+
+/// Whether a mapping of `pid` is still registered with a userfaultfd
+/// (VmFlags "um" missing, "uw" write-protect) after a short wait: a
+/// process this test binary forks for another test (gcc, a restore stub)
+/// holds copies of our descriptors for a moment, and the ranges are
+/// unregistered only when the last copy of the userfaultfd is closed.
+fn has_uffd_ranges(pid: i32) -> bool {
+    let registered = || {
+        fs::read_to_string(format!("/proc/{pid}/smaps"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("VmFlags:"))
+            .any(|f| f.split_whitespace().any(|x| x == "um" || x == "uw"))
+    };
+    let end = Instant::now() + Duration::from_secs(2);
+    while registered() {
+        if Instant::now() > end {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+// ---------------------------------------------------------- lazy setup
+
+/// A `lazy_mem` process holding `mib` MiB, frozen and captured with its
+/// anonymous memory left out; its pages served by a [`PageSource`].
+struct Lazy {
+    // Drop order: the frozen original is killed by `orig`'s guard after
+    // `frozen` lets go of it.
+    frozen: Option<Frozen>,
+    orig: Proc,
+    dir: tempfile::TempDir,
+    out: PathBuf,
+    region: (u64, u64),
+    source: Arc<PageSource>,
+}
+
+impl Lazy {
+    fn new(mib: u64) -> Lazy {
+        Lazy::with_threads(mib, 0)
+    }
+
+    /// [`Lazy::new`] with `threads` checking threads in the program.
+    fn with_threads(mib: u64, threads: usize) -> Lazy {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.txt");
+        let orig = Proc::start(
+            &prog("lazy_mem"),
+            &[
+                out.to_str().unwrap(),
+                &mib.to_string(),
+                &threads.to_string(),
+            ],
+        );
+        let start = parse_addr(&wait_line(&out, "filled", WAIT_MS));
+        let frozen = freeze::freeze(orig.pid(), Duration::from_secs(10)).expect("freeze");
+        let img_dir = dir.path().join("img");
+        fs::create_dir(&img_dir).unwrap();
+        let opts = CaptureOptions {
+            lazy_anon: true,
+            ..CaptureOptions::default()
+        };
+        let stats = capture::capture(&frozen, &img_dir, &opts, None).expect("capture");
+        let img = migfs_mig::image::persist::read_image(&img_dir)
+            .unwrap()
+            .image;
+        let ranges = pages::lazy_ranges(&img);
+        let region = (start, start + (mib << 20));
+        assert!(
+            ranges.iter().any(|&(s, e)| s <= region.0 && region.1 <= e),
+            "the region {region:x?} is not lazy: {ranges:x?}"
+        );
+        // The image holds no anonymous data: only file pages' private
+        // copies (relocations, .data, .bss) and such.
+        assert!(
+            stats.pages_bytes < 2 << 20,
+            "pages.img has {} bytes for a {mib} MiB process",
+            stats.pages_bytes
+        );
+        let source = Arc::new(PageSource::new(orig.pid(), ranges).expect("page source"));
+        Lazy {
+            frozen: Some(frozen),
+            orig,
+            dir,
+            out,
+            region,
+            source,
+        }
+    }
+
+    /// Restores the copy with `fetch` and `preload`; the copy's guard,
+    /// its lazy pages, and how long the restore took.
+    fn restore(
+        &self,
+        fetch: Arc<dyn PageFetch>,
+        preload: Option<pages::Preload>,
+    ) -> Result<(Proc, LazyPages, Duration), String> {
+        let t = Instant::now();
+        let extras = Extras {
+            lazy: Some(LazyConfig { fetch, preload }),
+            before_resume: None,
+        };
+        let mut r = restore::restore_with(
+            &self.dir.path().join("img"),
+            &RestoreOptions::default(),
+            extras,
+        )
+        .map_err(|e| e.to_string())?;
+        let took = t.elapsed();
+        assert!(!r.same_pid, "the original still holds its PID");
+        let lazy = r.lazy.take().expect("lazy pages");
+        Ok((Proc::adopt(r.pid), lazy, took))
+    }
+
+    /// Pushes every present run of the original in 4 MiB pieces; pages
+    /// newly installed and bytes sent.
+    fn push_all(&self, lazy: &LazyPages) -> (u64, u64) {
+        let (mut pages, mut bytes) = (0, 0);
+        for (s, e) in pages::chunks(&self.source.present().unwrap(), 4 << 20) {
+            let mut buf = vec![0u8; usize::try_from(e - s).unwrap()];
+            self.source.read(s, &mut buf).unwrap();
+            pages += lazy.install(s, &buf).unwrap();
+            bytes += e - s;
+        }
+        (pages, bytes)
+    }
+}
+
+impl Drop for Lazy {
+    fn drop(&mut self) {
+        if let Some(f) = self.frozen.take() {
+            let _ = f.kill();
+            self.orig.pid = 0;
+        }
+    }
+}
+
+/// Pages served from the frozen original, counting fetches.
+struct SourceFetch {
+    source: Arc<PageSource>,
+    calls: AtomicU64,
+}
+
+impl SourceFetch {
+    fn new(source: &Arc<PageSource>) -> Arc<SourceFetch> {
+        Arc::new(SourceFetch {
+            source: Arc::clone(source),
+            calls: AtomicU64::new(0),
+        })
+    }
+}
+
+impl PageFetch for SourceFetch {
+    fn fetch(&self, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut buf = vec![0u8; len];
+        self.source
+            .read(addr, &mut buf)
+            .map_err(|e| e.to_string())?;
+        Ok(buf)
+    }
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64().max(1e-9)
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn lazy_restore_faults_everything_in_on_demand() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(256);
+    let fetch = SourceFetch::new(&l.source);
+    let (copy, lazy, took) = l.restore(fetch.clone(), None).expect("restore");
+    assert!(
+        !has_uffd(copy.pid),
+        "the userfaultfd is still in the process"
+    );
+    let t = Instant::now();
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    let verify = t.elapsed();
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.stats();
+    assert!(st.error.is_none(), "{st:?}");
+    assert!(st.demand_faults > 0 && st.demand_pages >= 65536, "{st:?}");
+    assert_eq!(st.installed_pages, 0);
+    eprintln!(
+        "lazy 256 MiB: restore {took:?}; verify by demand faults {verify:?} = {:.0} MB/s; \
+         {} faults, {} pages, fetch {:?} ({} calls)",
+        mbps(256 << 20, verify),
+        st.demand_faults,
+        st.demand_pages,
+        st.fetch_time,
+        fetch.calls.load(Ordering::Relaxed)
+    );
+    let fin = lazy.finish();
+    assert!(fin.error.is_none());
+    assert!(
+        !has_uffd_ranges(copy.pid),
+        "ranges still registered after finish"
+    );
+    copy.signal(Signal::SIGUSR1);
+    let again = wait_nth(&l.out, "verified", 2, WAIT_MS);
+    eprintln!("the program's own check: {line} (faulting), {again} (all there)");
+    assert!(again.starts_with("verified ok"));
+    copy.signal(Signal::SIGHUP);
+    assert_eq!(wait_line(&l.out, "alloc", WAIT_MS), "alloc ok");
+}
+
+#[test]
+fn four_threads_fault_at_once() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::with_threads(128, 4);
+    let (copy, lazy, _) = l
+        .restore(SourceFetch::new(&l.source), None)
+        .expect("restore");
+    let t = Instant::now();
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.finish();
+    assert!(st.error.is_none() && st.demand_faults > 4, "{st:?}");
+    eprintln!(
+        "4 threads, 128 MiB by demand faults: {:?} ({} faults, {} pages)",
+        t.elapsed(),
+        st.demand_faults,
+        st.demand_pages
+    );
+    copy.signal(Signal::SIGUSR1);
+    assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+}
+
+#[test]
+fn background_push_then_finish_leaves_a_process_without_userfaultfd() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(256);
+    let (copy, lazy, _) = l
+        .restore(SourceFetch::new(&l.source), None)
+        .expect("restore");
+    let lazy = Arc::new(lazy);
+    let t = Instant::now();
+    let pusher = {
+        let lazy = Arc::clone(&lazy);
+        let source = Arc::clone(&l.source);
+        thread::spawn(move || {
+            let mut n = 0;
+            for (s, e) in pages::chunks(&source.present().unwrap(), 4 << 20) {
+                let mut buf = vec![0u8; usize::try_from(e - s).unwrap()];
+                source.read(s, &mut buf).unwrap();
+                n += lazy.install(s, &buf).unwrap();
+            }
+            n
+        })
+    };
+    // The process runs (and faults) while the push goes on.
+    copy.signal(Signal::SIGUSR1);
+    let pushed = pusher.join().unwrap();
+    let push = t.elapsed();
+    // Everything is there now: a second push installs nothing.
+    let t2 = Instant::now();
+    let (again, bytes) = l.push_all(&lazy);
+    assert_eq!(again, 0);
+    eprintln!(
+        "push of 256 MiB already there: {:?} = {:.0} MB/s",
+        t2.elapsed(),
+        mbps(bytes, t2.elapsed())
+    );
+    assert_eq!(
+        wait_line(&l.out, "verified", WAIT_MS).split(' ').nth(1),
+        Some("ok")
+    );
+    let lazy = Arc::into_inner(lazy).expect("one owner");
+    let st = lazy.finish();
+    assert!(st.error.is_none(), "{st:?}");
+    assert_eq!(st.installed_pages, pushed);
+    assert!(pushed > 0, "{st:?}");
+    eprintln!(
+        "push 256 MiB while running: {push:?} = {:.0} MB/s ({} pushed, {} by faults in {} faults)",
+        mbps(256 << 20, push),
+        st.installed_pages,
+        st.demand_pages,
+        st.demand_faults
+    );
+    assert!(!has_uffd(copy.pid) && !has_uffd_ranges(copy.pid));
+    // Without a userfaultfd: new memory, and the old one checked again.
+    copy.signal(Signal::SIGHUP);
+    assert_eq!(wait_line(&l.out, "alloc", WAIT_MS), "alloc ok");
+    copy.signal(Signal::SIGUSR1);
+    assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+}
+
+#[test]
+fn preload_installs_everything_before_the_process_runs() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(64);
+    let source = Arc::clone(&l.source);
+    let installed = Arc::new(AtomicU64::new(0));
+    let inst = Arc::clone(&installed);
+    // Stop-and-copy: every page of every lazy range, touched or not.
+    let preload: pages::Preload = Box::new(move |lazy: &LazyPages| {
+        let t = Instant::now();
+        let mut bytes = 0;
+        for (s, e) in pages::chunks(source.ranges(), 4 << 20) {
+            let mut buf = vec![0u8; usize::try_from(e - s).unwrap()];
+            source.read(s, &mut buf).map_err(|e| e.to_string())?;
+            inst.fetch_add(
+                lazy.install(s, &buf).map_err(|e| e.to_string())?,
+                Ordering::Relaxed,
+            );
+            bytes += e - s;
+        }
+        eprintln!(
+            "preload {bytes} bytes in {:?} = {:.0} MB/s",
+            t.elapsed(),
+            mbps(bytes, t.elapsed())
+        );
+        Ok(())
+    });
+    let (copy, lazy, _) = l
+        .restore(SourceFetch::new(&l.source), Some(preload))
+        .expect("restore");
+    copy.signal(Signal::SIGUSR1);
+    assert!(wait_line(&l.out, "verified", WAIT_MS).starts_with("verified ok"));
+    let st = lazy.finish();
+    assert_eq!(st.demand_faults, 0, "{st:?}");
+    assert!(installed.load(Ordering::Relaxed) >= (64 << 20) / PAGE);
+    assert_eq!(st.installed_pages, installed.load(Ordering::Relaxed));
+}
+
+#[test]
+fn discarded_memory_stays_zero_when_a_push_comes_later() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(64);
+    let (copy, lazy, _) = l
+        .restore(SourceFetch::new(&l.source), None)
+        .expect("restore");
+    copy.signal(Signal::SIGUSR2);
+    wait_line(&l.out, "dontneed done", WAIT_MS);
+    let st = lazy.stats();
+    assert!(st.discards >= 1, "{st:?}");
+    // The original still has the quarter the copy discarded: a push must
+    // skip it.
+    let (pushed, _) = l.push_all(&lazy);
+    let quarter = (64 << 20) / PAGE / 4;
+    let total = (64 << 20) / PAGE;
+    assert!(
+        pushed >= total - quarter && pushed < total,
+        "pushed {pushed} pages"
+    );
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.finish();
+    assert!(st.error.is_none(), "{st:?}");
+    assert!(st.zero_pages > 0, "{st:?}");
+    drop(copy);
+    let _ = l.region;
+}
+
+#[test]
+fn moved_memory_is_fetched_from_its_old_address() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(64);
+    let (copy, lazy, _) = l
+        .restore(SourceFetch::new(&l.source), None)
+        .expect("restore");
+    // mremap of the last quarter (not touched yet) to a new place, 1 MiB
+    // longer; half of it checked there at once (faults at the new place).
+    copy.signal(Signal::SIGALRM);
+    assert_eq!(wait_line(&l.out, "moved", WAIT_MS), "moved ok");
+    assert!(lazy.stats().moves >= 1, "{:?}", lazy.stats());
+    // The push sends the original addresses; the rest of the quarter
+    // must land at its new place.
+    let (pushed, _) = l.push_all(&lazy);
+    assert!(pushed > 0);
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.finish();
+    assert!(st.error.is_none(), "{st:?}");
+}
+
+#[test]
+fn a_child_forked_while_memory_is_lazy_gets_its_pages() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(64);
+    let (copy, lazy, _) = l
+        .restore(SourceFetch::new(&l.source), None)
+        .expect("restore");
+    // Discard a quarter, then fork a child that checks everything at
+    // once: nothing has arrived yet, so its faults come on the child's
+    // own userfaultfd.
+    copy.signal(Signal::SIGUSR2);
+    wait_line(&l.out, "dontneed done", WAIT_MS);
+    copy.signal(Signal::SIGWINCH);
+    let line = wait_line(&l.out, "child", WAIT_MS);
+    assert_eq!(line, "child ok");
+    let st = lazy.stats();
+    assert!(st.forks == 1 && st.error.is_none(), "{st:?}");
+    // The parent still has nothing of it: a push fills the parent (the
+    // child is gone by now and is dropped).
+    let (pushed, _) = l.push_all(&lazy);
+    assert!(pushed > 0);
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.finish();
+    assert!(st.error.is_none(), "{st:?}");
+}
+
+/// Fails every fetch inside `bad`.
+struct FailingFetch {
+    inner: Arc<SourceFetch>,
+    bad: (u64, u64),
+}
+
+impl PageFetch for FailingFetch {
+    fn fetch(&self, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+        if addr < self.bad.1 && self.bad.0 < addr + len as u64 {
+            return Err(format!("injected failure at {addr:#x}"));
+        }
+        self.inner.fetch(addr, len)
+    }
+}
+
+#[test]
+fn a_failing_fetch_kills_the_process_and_is_reported() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(16);
+    let fetch = Arc::new(FailingFetch {
+        inner: SourceFetch::new(&l.source),
+        bad: l.region,
+    });
+    let (mut copy, lazy, _) = l.restore(fetch, None).expect("restore");
+    copy.signal(Signal::SIGUSR1);
+    let status = copy.wait_gone(20_000);
+    assert!(
+        matches!(
+            status,
+            Some(nix::sys::wait::WaitStatus::Signaled(_, Signal::SIGKILL, _))
+        ),
+        "{status:?}"
+    );
+    let why = lazy.failed().expect("the error is kept");
+    assert!(why.contains("injected failure"), "{why}");
+    let e = lazy
+        .install(l.region.0, &vec![0u8; 4096])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lazy memory of pid") && e.contains("injected failure"),
+        "{e}"
+    );
+    assert!(lazy.finish().error.is_some());
+
+    // Every fetch failing: the restore itself fails (the kernel touches
+    // lazy memory while rebuilding) or the process dies at once.
+    let fetch = Arc::new(FailingFetch {
+        inner: SourceFetch::new(&l.source),
+        bad: (0, u64::MAX),
+    });
+    match l.restore(fetch, None) {
+        Err(e) => assert!(
+            e.contains("lazy memory failed") && e.contains("injected"),
+            "{e}"
+        ),
+        Ok((mut copy, lazy, _)) => {
+            copy.signal(Signal::SIGUSR1);
+            assert!(copy.wait_gone(20_000).is_some(), "the process hangs");
+            assert!(lazy.failed().is_some());
+        }
+    }
+}
+
+#[test]
+fn a_lazy_image_is_refused_without_a_page_source() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(4);
+    let e = restore::restore(&l.dir.path().join("img"), &RestoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("read image") && e.contains("lazy"), "{e}");
+}
+
+// --------------------------------------------------------- dirty pages
+
+struct Dirty {
+    proc_: Proc,
+    out: PathBuf,
+    cmd: PathBuf,
+    base: u64,
+    rounds: usize,
+    _dir: tempfile::TempDir,
+}
+
+impl Dirty {
+    /// A `dirty_pages` process, run as `uid` when given.
+    fn new(uid: Option<u32>) -> Dirty {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let (out, cmd) = (dir.path().join("out"), dir.path().join("cmd"));
+        let proc_ = Proc::start_as(
+            &prog("dirty_pages"),
+            &[out.to_str().unwrap(), cmd.to_str().unwrap()],
+            uid,
+        );
+        let base = parse_addr(&wait_line(&out, "region", WAIT_MS));
+        Dirty {
+            proc_,
+            out,
+            cmd,
+            base,
+            rounds: 0,
+            _dir: dir,
+        }
+    }
+
+    /// Runs `cmds` ("w 3", "d 5") in the process; waits until done.
+    fn run(&mut self, cmds: &[&str]) {
+        fs::write(&self.cmd, cmds.join("\n") + "\n").unwrap();
+        self.rounds += 1;
+        self.proc_.signal(Signal::SIGUSR1);
+        wait_line(&self.out, &format!("done {}", self.rounds), WAIT_MS);
+    }
+
+    /// Page runs by index.
+    fn pages(&self, runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        runs.iter()
+            .map(|&(s, e)| ((s - self.base) / PAGE, (e - self.base) / PAGE))
+            .collect()
+    }
+}
+
+/// Writes, discards and checks in a `dirty_pages` process run as `uid`.
+fn exact_dirty_pages(uid: Option<u32>) {
+    let mut d = Dirty::new(uid);
+    if let Some(u) = uid {
+        let status = fs::read_to_string(format!("/proc/{}/status", d.proc_.pid)).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            line.split_whitespace().nth(2) == Some(&u.to_string()[..]),
+            "{line}"
+        );
+    }
+    let range = (d.base, d.base + 64 * PAGE);
+    let t = Instant::now();
+    let mut tr = Tracker::start(d.proc_.pid(), [range]).expect("start tracking");
+    eprintln!(
+        "tracker start (freeze, inject, register, protect): {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !has_uffd(d.proc_.pid),
+        "the userfaultfd is still in the process"
+    );
+    assert_eq!(tr.collect().unwrap(), vec![], "nothing written yet");
+    // Populated pages (3, 7) and never-touched ones (40, 41).
+    d.run(&["w 3", "w 7", "w 40", "w 41"]);
+    assert_eq!(
+        d.pages(&tr.collect().unwrap()),
+        vec![(3, 4), (7, 8), (40, 42)]
+    );
+    assert_eq!(tr.collect().unwrap(), vec![], "protected again");
+    // A discarded page changed too (it reads as zeros now).
+    d.run(&["d 5", "w 6"]);
+    assert_eq!(d.pages(&tr.collect().unwrap()), vec![(5, 7)]);
+    assert_eq!(tr.collect().unwrap(), vec![]);
+    d.run(&["w 3", "w 3", "w 63"]);
+    assert_eq!(d.pages(&tr.collect().unwrap()), vec![(3, 4), (63, 64)]);
+    let t = Instant::now();
+    assert_eq!(tr.collect().unwrap(), vec![]);
+    eprintln!("collect of 64 pages: {:?}", t.elapsed());
+    tr.stop();
+    assert!(
+        !has_uffd_ranges(d.proc_.pid),
+        "ranges still registered after stop"
+    );
+    // The process is unaffected.
+    d.run(&["w 10", "d 11", "w 50"]);
+    assert!(d.proc_.wait_gone(50).is_none());
+}
+
+#[test]
+fn dirty_tracking_reports_exactly_the_written_pages() {
+    if require() {
+        exact_dirty_pages(None);
+    }
+}
+
+/// The process may not make a userfaultfd that sees kernel faults
+/// (vm.unprivileged_userfaultfd=0): the tracker falls back to a
+/// user-mode-only one, which is enough for write tracking.
+#[test]
+fn dirty_tracking_of_an_unprivileged_process() {
+    if require() {
+        exact_dirty_pages(Some(65534));
+    }
+}
+
+#[test]
+fn dirty_tracking_of_a_large_region_and_a_new_mapping() {
+    if !require() {
+        return;
+    }
+    // The lazy_mem program: 64 MiB, all written once, then idle.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let p = Proc::start(&prog("lazy_mem"), &[out.to_str().unwrap(), "64"]);
+    let base = parse_addr(&wait_line(&out, "filled", WAIT_MS));
+    let region = (base, base + (64 << 20));
+    let mut tr = Tracker::start(p.pid(), [region]).expect("start tracking");
+    let t = Instant::now();
+    assert_eq!(tr.collect().unwrap(), vec![]);
+    eprintln!("collect of 64 MiB, nothing written: {:?}", t.elapsed());
+    // SIGUSR2 discards the second quarter: reported, as it changed.
+    p.signal(Signal::SIGUSR2);
+    wait_line(&out, "dontneed done", WAIT_MS);
+    let q = (64 << 20) / 4;
+    assert_eq!(tr.collect().unwrap(), vec![(base + q, base + 2 * q)]);
+    // SIGHUP maps, writes and unmaps 64 MiB elsewhere: not in the range.
+    p.signal(Signal::SIGHUP);
+    assert_eq!(wait_line(&out, "alloc", WAIT_MS), "alloc ok");
+    assert_eq!(tr.collect().unwrap(), vec![]);
+    // Reading the discarded quarter maps the zero page: nothing changed.
+    p.signal(Signal::SIGUSR1);
+    assert!(wait_line(&out, "verified", WAIT_MS).starts_with("verified ok"));
+    assert_eq!(tr.collect().unwrap(), vec![]);
+    tr.stop();
+}
