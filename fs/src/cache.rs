@@ -81,6 +81,13 @@ impl MetaCache {
         if g.attrs.len() >= MAX_ENTRIES {
             g.attrs.clear();
         }
+        // A reply overtaken by a newer data change must not replace it.
+        if g.attrs
+            .get(&attr.ino)
+            .is_some_and(|(old, _)| old.data_version > attr.data_version)
+        {
+            return;
+        }
         g.attrs.insert(attr.ino, (*attr, Instant::now()));
     }
 

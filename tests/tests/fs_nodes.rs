@@ -208,3 +208,50 @@ fn fcntl_and_flock_locks_taken_on_n1_block_n2() {
         );
     }
 }
+
+/// A file appended on n1 without pause (never closed, so published only
+/// by the periodic publish) and read on n2 meanwhile: n2 never sees a size
+/// ahead of the data (no zeros), and at the end every line is there once.
+#[test]
+fn reader_on_n2_never_sees_zeros_while_n1_appends() {
+    if !require_priv() {
+        return;
+    }
+    let c = Cluster::up(2);
+    let path = c.path("n1", "log.txt");
+    let mut w = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let writer = std::thread::spawn(move || {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(4);
+        let mut i = 0u64;
+        while std::time::Instant::now() < end {
+            w.write_all(format!("{i}\n").as_bytes()).unwrap();
+            i += 1;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        i
+    });
+    let mut at = 0u64;
+    let mut reads = 0;
+    while !writer.is_finished() {
+        let mut f = fs::File::open(c.path("n2", "log.txt")).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).unwrap();
+        assert!(
+            !buf.contains(&0),
+            "n2 read zeros at {at}: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        at += buf.len() as u64;
+        reads += usize::from(!buf.is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let n = writer.join().unwrap();
+    assert!(reads > 1, "n2 saw nothing while n1 wrote");
+    let want: String = (0..n).map(|i| format!("{i}\n")).collect();
+    assert_eq!(fs::read_to_string(c.path("n2", "log.txt")).unwrap(), want);
+}

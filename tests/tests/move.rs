@@ -436,10 +436,10 @@ fn run_relays_output_and_exit_status_across_a_move() {
         .lines()
         .filter_map(|l| l.parse().ok())
         .collect();
-    // Known bug (docs/migration.md): a line or two written right around
-    // the move can be lost from the relayed output. Until it is fixed,
-    // check order, the first and the last line, and bound the loss.
-    assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
-    assert_eq!((got.first(), got.last()), (Some(&0), Some(&59)), "{got:?}");
-    assert!(got.len() >= 56, "{got:?}");
+    assert_eq!(
+        got,
+        (0..60).collect::<Vec<u64>>(),
+        "relayed output; {}",
+        output_text(&o)
+    );
 }

@@ -27,6 +27,8 @@ use crate::meta_client::Meta;
 
 /// Block-map entries fetched per `GetBlocks` call.
 const MAP_WINDOW: u64 = 4096;
+/// How often a block map older than a known data version is asked again.
+const MAP_RETRIES: usize = 8;
 /// Uploaded blocks that trigger a background commit.
 const COMMIT_BATCH: usize = 512;
 /// Blocks fetched ahead of a sequential reader.
@@ -49,12 +51,18 @@ pub struct DataState {
     pub size: u64,
     /// Whether local writes may have extended the file.
     grown: bool,
+    /// The size when the last write was handed to upload with nothing
+    /// left dirty: the end that the uploaded blocks cover.
+    taken_size: u64,
     /// An upload error to report on the next write/flush.
     error: Option<FsError>,
     map: HashMap<u64, BlockRef>,
     windows: HashSet<u64>,
-    /// The data version the cached map belongs to.
+    /// The data version the cached map belongs to (0 after an invalidation).
     pub version: u64,
+    /// The highest data version this node has learned: attributes older
+    /// than this (a reply that raced with a newer commit) are not trusted.
+    seen: u64,
     /// When the oldest unpublished write happened.
     pub dirty_since: Option<Instant>,
     /// The block after the last one read (sequential detection).
@@ -100,6 +108,7 @@ impl FileData {
             st: Mutex::new(DataState {
                 size: attr.size,
                 version: attr.data_version,
+                seen: attr.data_version,
                 ..DataState::default()
             }),
             uploaded: Notify::new(),
@@ -117,6 +126,12 @@ impl FileData {
     /// (another node published data); says whether cached pages may be kept.
     pub fn revalidate(&self, attr: &Attr) -> bool {
         let mut st = self.st.lock();
+        if attr.data_version < st.seen {
+            // Older than a commit this node already saw (the reply was
+            // overtaken): its size would move the end of file back.
+            return false;
+        }
+        st.seen = attr.data_version;
         if st.version == attr.data_version {
             return true;
         }
@@ -124,7 +139,9 @@ impl FileData {
         st.windows.clear();
         st.prefetched = 0;
         st.version = attr.data_version;
-        if st.dirty.is_empty() && st.uploading.is_empty() {
+        let unpublished =
+            !st.dirty.is_empty() || !st.uploading.is_empty() || !st.pending.is_empty() || st.grown;
+        if !unpublished {
             st.size = attr.size;
         } else {
             st.size = st.size.max(attr.size);
@@ -147,7 +164,9 @@ impl FileData {
         st.map.clear();
         st.windows.clear();
         st.version = attr.data_version;
+        st.seen = st.seen.max(attr.data_version);
         st.size = attr.size;
+        st.taken_size = attr.size;
         st.grown = false;
     }
 }
@@ -249,6 +268,9 @@ impl DataCtx {
             }
         }
         st.in_flight += out.len();
+        if st.dirty.is_empty() {
+            st.taken_size = st.size;
+        }
         out
     }
 
@@ -362,8 +384,15 @@ impl DataCtx {
         let (refs, size, grown) = {
             let mut st = fd.st.lock();
             let refs: Vec<(u64, BlockRef)> = st.pending.drain().map(|(_, v)| v).collect();
-            let grown = std::mem::take(&mut st.grown);
-            (refs, st.size, grown)
+            // A grown size is published only up to where every write is
+            // uploaded: a block still dirty or uploading may be what grew
+            // it, and other nodes would read zeros up to the new end.
+            let grown = st.grown && st.in_flight == 0;
+            let size = st.taken_size;
+            if grown && st.dirty.is_empty() && size == st.size {
+                st.grown = false;
+            }
+            (refs, size, grown)
         };
         if refs.is_empty() && !grown {
             return Ok(());
@@ -422,6 +451,7 @@ impl DataCtx {
                 st.map.insert(r.index, r);
             }
             st.version = attr.data_version;
+            st.seen = st.seen.max(attr.data_version);
             st.size = st.size.max(attr.size);
             self.cache.put_attr(&attr);
         }
@@ -520,28 +550,42 @@ impl DataCtx {
         Ok(Some(data.slice(..len)))
     }
 
+    /// Loads window `w` of the block map. A reply older than a data
+    /// version this node already saw (it raced with a commit) is asked
+    /// again: its map would show old, shorter blocks under a newer size.
     async fn load_window(&self, fd: &Arc<FileData>, w: u64) -> Result<()> {
         let req = GetBlocksRequest {
             ino: fd.ino,
             first_index: w * MAP_WINDOW,
             count: MAP_WINDOW,
         };
-        let reply = self
-            .meta
-            .call("get blocks", |mut c| async move { c.get_blocks(req).await })
-            .await?;
-        let mut st = fd.st.lock();
-        let version = reply.attr.as_ref().map_or(0, |a| a.data_version);
-        if version != st.version {
-            st.map.clear();
-            st.windows.clear();
-            st.version = version;
+        for _ in 0..MAP_RETRIES {
+            let reply = self
+                .meta
+                .call("get blocks", |mut c| async move { c.get_blocks(req).await })
+                .await?;
+            let mut st = fd.st.lock();
+            let version = reply.attr.as_ref().map_or(0, |a| a.data_version);
+            if version < st.seen {
+                continue;
+            }
+            st.seen = version;
+            if version != st.version {
+                st.map.clear();
+                st.windows.clear();
+                st.version = version;
+            }
+            for r in reply.blocks {
+                st.map.insert(r.index, r);
+            }
+            st.windows.insert(w);
+            return Ok(());
         }
-        for r in reply.blocks {
-            st.map.insert(r.index, r);
-        }
-        st.windows.insert(w);
-        Ok(())
+        Err(FsError::Invalid(format!(
+            "the block map of inode {} stayed older than version {} ({MAP_RETRIES} tries)",
+            fd.ino,
+            fd.st.lock().seen
+        )))
     }
 }
 

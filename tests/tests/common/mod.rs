@@ -1,30 +1,14 @@
 //! Helpers shared by the filesystem end-to-end tests.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::path::PathBuf;
+use std::process::Output;
 
 pub use migfs_e2e::harness::{Cluster, require_priv};
 
 /// Compiles `tests/progs/<name>.c` once per test binary; returns the binary.
 pub fn c_prog(name: &str) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir for test programs"));
-    let out = dir.path().join(name);
-    if !out.exists() {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("progs")
-            .join(format!("{name}.c"));
-        let st = Command::new("gcc")
-            .args(["-O1", "-Wall", "-pthread", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("run gcc (install it: apt-get install gcc)");
-        assert!(st.success(), "gcc failed on {}", src.display());
-    }
-    out
+    migfs_e2e::progs::prog(name, false)
 }
 
 /// Stdout and stderr of a finished command, for assertion messages.
