@@ -96,13 +96,13 @@ fn ps(c: &Cluster, node: &str) -> Vec<serde_json::Value> {
 
 /// A counter appending to /migfs/count.txt moves n1 -> n2 -> n1 in `mode`;
 /// the file shows no gap and no duplicate; the task follows in `ps`.
-fn counter_round_trip(mode: &str, static_: bool) {
+fn counter_round_trip(mode: &[&str], static_: bool) {
     let Some(c) = cluster() else { return };
     let counter = prog("ckpt_counter", static_);
     let pid = start_on(&c, "n1", &[counter.to_str().unwrap(), "/migfs/count.txt"]);
     let out = c.path("n2", "count.txt");
     wait_lines(&out, 20, 10_000);
-    let r = move_json(&c, "n1", &pid.to_string(), "n2", &[mode]);
+    let r = move_json(&c, "n1", &pid.to_string(), "n2", mode);
     for k in [
         "task",
         "pid",
@@ -129,7 +129,7 @@ fn counter_round_trip(mode: &str, static_: bool) {
     let n = numbers(&out).len();
     wait_lines(&out, n + 20, 10_000);
     // Back, by task id, asked on n2 where it now runs.
-    let r2 = move_json(&c, "n2", &format!("t{task}"), "n1", &[mode]);
+    let r2 = move_json(&c, "n2", &format!("t{task}"), "n1", mode);
     assert_eq!(field(&r2, "task"), task);
     let pid3 = pid_of(&r2);
     let n = numbers(&out).len();
@@ -141,17 +141,86 @@ fn counter_round_trip(mode: &str, static_: bool) {
 
 #[test]
 fn counter_moves_there_and_back_lazily() {
-    counter_round_trip("--lazy", false);
+    counter_round_trip(&["--lazy"], false);
+}
+
+#[test]
+fn counter_moves_there_and_back_with_precopy() {
+    counter_round_trip(&["--precopy"], false);
+}
+
+#[test]
+fn counter_moves_there_and_back_with_precopy_then_lazy() {
+    counter_round_trip(&["--precopy", "--lazy"], false);
 }
 
 #[test]
 fn counter_moves_there_and_back_eagerly() {
-    counter_round_trip("--eager", false);
+    counter_round_trip(&["--eager"], false);
 }
 
 #[test]
 fn static_counter_moves_there_and_back_lazily() {
-    counter_round_trip("--lazy", true);
+    counter_round_trip(&["--lazy"], true);
+}
+
+/// A process rewriting 10 MB/s of its 128 MiB moves with --precopy, then
+/// back with --precopy --lazy: rounds ran and sent pages, the original is
+/// gone, and every page holds what the process last wrote (full verify).
+#[test]
+fn precopy_of_a_process_that_keeps_writing() {
+    let Some(c) = cluster() else { return };
+    let bin = prog("move_touch", false);
+    let pid = start_on(
+        &c,
+        "n1",
+        &[bin.to_str().unwrap(), "/migfs/dirty.txt", "128", "16", "10"],
+    );
+    let out = c.path("n1", "dirty.txt");
+    assert!(within(60_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    let r = move_json(&c, "n1", &pid.to_string(), "n2", &["--precopy"]);
+    assert_eq!(r["precopy"], true, "{r}");
+    assert!(field(&r, "precopy_rounds") >= 1, "{r}");
+    assert!(
+        field(&r, "pages_precopy") >= 128 * 256,
+        "the first round sends all 128 MiB: {r}"
+    );
+    assert_eq!(
+        field(&r, "pages_push"),
+        0,
+        "nothing pulled after a complete pre-copy: {r}"
+    );
+    assert!(!alive(&c, "n1", pid), "the original was not destroyed");
+    let pid2 = pid_of(&r);
+    let verify = |node: &str, pid: i32, n: usize| {
+        c.exec_ok(node, &["kill", "-USR1", &pid.to_string()]);
+        assert!(
+            within(60_000, || fs::read_to_string(&out)
+                .unwrap_or_default()
+                .matches("verified")
+                .count()
+                >= n),
+            "no verification"
+        );
+        let text = fs::read_to_string(&out).unwrap();
+        assert!(!text.contains("BAD"), "{}", tail(&text));
+    };
+    verify("n2", pid2, 1);
+    let task = field(&r, "task");
+    let r2 = move_json(
+        &c,
+        "n2",
+        &format!("t{task}"),
+        "n1",
+        &["--precopy", "--lazy"],
+    );
+    assert_eq!(r2["precopy"], true, "{r2}");
+    assert!(!alive(&c, "n2", pid2));
+    let pid3 = pid_of(&r2);
+    verify("n1", pid3, 2);
+    assert!(alive(&c, "n1", pid3));
 }
 
 /// 256 MiB touched at random right after a lazy move: every check passes,

@@ -13,6 +13,7 @@
 //! The agent never decides what to move where: that is policy's job.
 
 pub mod client;
+mod precopy;
 mod run;
 mod source;
 mod target;
@@ -126,6 +127,8 @@ pub(crate) struct Inner {
     pub(crate) rt: tokio::runtime::Handle,
     /// Moves this node is the source of, by move id (page servers).
     pub(crate) sources: Mutex<HashMap<u64, Arc<source::Serving>>>,
+    /// Memory pre-copied to this node, by move id, until its Receive.
+    pub(crate) precopies: Mutex<HashMap<u64, Arc<precopy::Store>>>,
     next_move: AtomicU64,
 }
 
@@ -206,6 +209,7 @@ impl Agent {
                 meta,
                 rt: tokio::runtime::Handle::current(),
                 sources: Mutex::new(HashMap::new()),
+                precopies: Mutex::new(HashMap::new()),
                 next_move: AtomicU64::new(1),
             }),
         })
@@ -352,8 +356,18 @@ impl AgentRpc for AgentService {
         req: Request<pb::PushRequest>,
     ) -> Result<Response<Self::PushPagesStream>, Status> {
         agents_only(&req)?;
-        let serving = self.serving(req.into_inner().move_id)?;
-        Ok(Response::new(serving.push()))
+        let r = req.into_inner();
+        let serving = self.serving(r.move_id)?;
+        Ok(Response::new(serving.push(precopy::ranges_of(&r.only))))
+    }
+
+    async fn precopy(
+        &self,
+        req: Request<Streaming<pb::PrecopyMsg>>,
+    ) -> Result<Response<pb::PrecopyReply>, Status> {
+        agents_only(&req)?;
+        let r = precopy::receive(&self.inner, req.into_inner()).await?;
+        Ok(Response::new(r))
     }
 
     async fn drained(

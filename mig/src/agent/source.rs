@@ -26,7 +26,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{AgentError, EventStream, Inner};
+use super::{AgentError, EventStream, Inner, precopy};
 use crate::capture::{self, CaptureOptions};
 use crate::freeze::{self, Frozen};
 use crate::image::format::{IMAGE_FILE, PAGES_FILE};
@@ -63,12 +63,14 @@ impl Serving {
         Ok(buf)
     }
 
-    /// Every present page of the original, in runs of at most [`CHUNK`].
-    pub fn push(self: Arc<Self>) -> EventStream<pb::PageRun> {
+    /// Every present page of the original (inside `only` unless it is
+    /// empty), in runs of at most [`CHUNK`].
+    pub fn push(self: Arc<Self>, only: Vec<(u64, u64)>) -> EventStream<pb::PageRun> {
         let (tx, rx) = mpsc::channel(4);
         std::thread::spawn(move || {
             let runs = match self.pages.present() {
-                Ok(r) => r,
+                Ok(r) if only.is_empty() => r,
+                Ok(r) => crate::pages::ranges::intersect(&r, &only),
                 Err(e) => {
                     let _ = tx.blocking_send(Err(Status::internal(format!("pagemap: {e}"))));
                     return;
@@ -353,30 +355,62 @@ impl Move {
             .prehash_mappings()
             .map_err(|e| AgentError::phase("prepare", e))?;
         self.phase_done("prepare", t);
-        if self.precopy {
-            self.progress("precopy: not available yet; moving without it");
-        }
+        self.move_id = self.inner.move_id();
+        let rounds = if self.precopy {
+            let t = Instant::now();
+            self.progress("precopy: copying memory while the process runs");
+            let events = self.events.clone();
+            let progress = |m: String| {
+                let _ = events.blocking_send(Ok(pb::MoveEvent {
+                    event: Some(pb::move_event::Event::Progress(m)),
+                }));
+            };
+            let r = precopy::Rounds::run(&self.inner, &client, self.pid, self.move_id, &progress);
+            if r.is_err() {
+                precopy::abort(&self.inner, &client, self.move_id);
+            }
+            let r = r?;
+            self.phase_done("precopy", t);
+            Some(r)
+        } else {
+            None
+        };
 
         self.progress("freeze");
         let t_freeze = Instant::now();
-        let frozen = freeze::freeze(self.pid, Duration::from_secs(10))
-            .map_err(|e| AgentError::phase("freeze", e))?;
+        let frozen = freeze::freeze(self.pid, Duration::from_secs(10)).map_err(|e| {
+            precopy::abort(&self.inner, &client, self.move_id);
+            AgentError::phase("freeze", e)
+        })?;
         self.phase_done("freeze", t_freeze);
-        self.move_id = self.inner.move_id();
         let dir = self.inner.cfg.work.join(format!("out-{}", self.move_id));
-        let res = self.frozen(&frozen, files, &dir, &mut client, t_freeze);
+        let precopied = rounds.is_some();
+        let res = self.frozen(&frozen, files, &dir, &mut client, t_freeze, rounds);
         let _ = std::fs::remove_dir_all(&dir);
         match res {
             Ok((mut report, ready, drained_rx)) => {
-                // Committed: the original only serves pages now.
+                // Committed: the original only serves pages now; after a
+                // complete pre-copy, not even that.
                 let t_drain = Instant::now();
                 let resumed = t_freeze + Duration::from_secs_f64(report.downtime_ms / 1e3);
+                let pid = self.pid.as_raw();
+                let mut original = Some(frozen);
+                let mut end_original = |report: &mut pb::MoveReport| {
+                    if let Some(f) = original.take()
+                        && let Err(e) = f.kill()
+                    {
+                        tracing::warn!(pid, error = %e, "ending the original failed");
+                    }
+                    report.residual_ms = resumed.elapsed().as_secs_f64() * 1e3;
+                };
+                if report.precopy && self.mode == Mode::Eager {
+                    end_original(&mut report);
+                }
                 let drained = drained_rx.recv_timeout(DRAIN_TIMEOUT);
                 let served = self.inner.sources.lock().remove(&self.move_id);
-                if let Err(e) = frozen.kill() {
-                    tracing::warn!(pid = self.pid.as_raw(), error = %e, "ending the original failed");
+                if report.residual_ms == 0.0 {
+                    end_original(&mut report);
                 }
-                report.residual_ms = resumed.elapsed().as_secs_f64() * 1e3;
                 self.phase_done("drain", t_drain);
                 match drained {
                     Ok(d) => {
@@ -402,6 +436,9 @@ impl Move {
             }
             Err(e) => {
                 self.inner.sources.lock().remove(&self.move_id);
+                if precopied {
+                    precopy::abort(&self.inner, &client, self.move_id);
+                }
                 crate::checkpoint::thaw(frozen);
                 Err(e)
             }
@@ -416,6 +453,7 @@ impl Move {
         dir: &PathBuf,
         client: &mut super::AgentClient,
         t_freeze: Instant,
+        rounds: Option<precopy::Rounds>,
     ) -> Result<
         (
             pb::MoveReport,
@@ -436,8 +474,8 @@ impl Move {
         let img =
             crate::image::persist::read_image(dir).map_err(|e| AgentError::phase("capture", e))?;
         let ranges = crate::pages::lazy_ranges(&img.image);
-        let pages =
-            PageSource::new(self.pid, ranges).map_err(|e| AgentError::phase("capture", e))?;
+        let pages = PageSource::new(self.pid, ranges.clone())
+            .map_err(|e| AgentError::phase("capture", e))?;
         let (done_tx, done_rx) = std_mpsc::channel();
         let serving = Arc::new(Serving {
             pages,
@@ -446,6 +484,18 @@ impl Move {
         });
         self.inner.sources.lock().insert(self.move_id, serving);
         self.phase_done("capture", t);
+        // What pre-copy left stale; after a complete one, sent now.
+        let complete = self.mode == Mode::Eager;
+        let (precopy, precopy_rounds) = (rounds.is_some(), rounds.as_ref().map_or(0, |r| r.rounds));
+        let (stale, pages_precopy) = match rounds {
+            Some(r) => {
+                let t = Instant::now();
+                let res = r.finish(&self.inner, client, &ranges, complete)?;
+                self.phase_done("precopy final", t);
+                res
+            }
+            None => (Vec::new(), 0),
+        };
 
         self.progress(format!(
             "transfer: image {} KiB, eager pages {} KiB",
@@ -468,6 +518,12 @@ impl Move {
             source_pid: self.task.pid,
             image_len: image.len() as u64,
             pages_len: pages.len() as u64,
+            precopy,
+            precopy_complete: precopy && complete,
+            stale: stale
+                .iter()
+                .map(|&(start, end)| pb::PageRange { start, end })
+                .collect(),
         };
         let send = |m: receive_msg::Msg| {
             msg_tx
@@ -546,9 +602,11 @@ impl Move {
             from: self.inner.cfg.name.clone(),
             to: self.target.name.clone(),
             mode: self.mode as i32,
-            precopy: false,
+            precopy,
+            precopy_rounds,
+            pages_precopy,
             downtime_ms: downtime.as_secs_f64() * 1e3,
-            bytes,
+            bytes: bytes + pages_precopy * 4096,
             pages_eager: stats.pages_bytes / 4096 + ready.pages_eager,
             ..Default::default()
         };

@@ -16,6 +16,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use super::precopy::{self, Store, StoreFirst};
 use super::{AgentClient, AgentError, EventStream, Inner};
 use crate::image::format::{IMAGE_FILE, PAGES_FILE};
 use crate::pages::{LazyConfig, LazyPages, PageFetch, Preload};
@@ -107,11 +108,16 @@ fn pull_all(
     client: &AgentClient,
     move_id: u64,
     lazy: &LazyPages,
+    only: &[(u64, u64)],
 ) -> Result<u64, String> {
     let mut c = client.clone();
+    let only = only
+        .iter()
+        .map(|&(start, end)| pb::PageRange { start, end })
+        .collect();
     rt.block_on(async {
         let mut s = c
-            .push_pages(pb::PushRequest { move_id })
+            .push_pages(pb::PushRequest { move_id, only })
             .await
             .map_err(|s| format!("push: {}", s.message()))?
             .into_inner();
@@ -291,24 +297,38 @@ fn rebuild(
         }
     };
     let eager = Mode::try_from(b.mode) == Ok(Mode::Eager);
+    let copied = match precopied(&inner, b) {
+        Ok(p) => p,
+        Err(e) => {
+            give_back(&inner, session, to_pid, held);
+            send(failed("precopy", e));
+            let _ = std::fs::remove_dir_all(&inc.dir);
+            return;
+        }
+    };
     let (rt, c2, move_id) = (inner.rt.clone(), client.clone(), b.move_id);
     let preloaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let pre = Arc::clone(&preloaded);
-    let preload: Option<Preload> = eager.then(|| {
+    let preload: Option<Preload> = (eager && copied.is_none()).then(|| {
         Box::new(move |lazy: &LazyPages| {
-            let n = pull_all(&rt, &c2, move_id, lazy)?;
+            let n = pull_all(&rt, &c2, move_id, lazy, &[])?;
             pre.store(n, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         }) as Preload
     });
-    let lazy = LazyConfig {
-        fetch: Arc::new(RemotePages {
-            client: client.clone(),
-            move_id: b.move_id,
-            rt: inner.rt.clone(),
+    let remote: Arc<dyn PageFetch> = Arc::new(RemotePages {
+        client: client.clone(),
+        move_id: b.move_id,
+        rt: inner.rt.clone(),
+    });
+    let fetch: Arc<dyn PageFetch> = match &copied {
+        Some(p) => Arc::new(StoreFirst {
+            store: Arc::clone(&p.store),
+            remote: (!b.precopy_complete).then_some(remote),
         }),
-        preload,
+        None => remote,
     };
+    let lazy = LazyConfig { fetch, preload };
     let ev2 = ev.clone();
     let pre2 = Arc::clone(&preloaded);
     let hold = move |pid: i32| -> Result<(), String> {
@@ -345,7 +365,53 @@ fn rebuild(
         )),
     });
     super::run::watch_exit(&inner, b.task_id, restored.pid);
-    drain(&inner, &client, b.move_id, restored.lazy, eager);
+    // What the source still has to send after the resume: everything
+    // (lazy), nothing (eager: preloaded; complete pre-copy), or the
+    // pages that changed after their pre-copy.
+    let remote = match &copied {
+        None if eager => Pull::Nothing,
+        None => Pull::All,
+        Some(_) if b.precopy_complete => Pull::Nothing,
+        Some(p) if p.stale.is_empty() => Pull::Nothing,
+        Some(p) => Pull::Only(p.stale.clone()),
+    };
+    drain(
+        &inner,
+        &client,
+        b.move_id,
+        restored.lazy,
+        copied.map(|p| p.store),
+        remote,
+    );
+}
+
+/// Pre-copied memory of a move, with what of it is stale.
+struct Precopied {
+    store: Arc<Store>,
+    stale: Vec<(u64, u64)>,
+}
+
+/// Takes the move's pre-copied memory (if it was pre-copied) and drops
+/// its stale pages.
+fn precopied(inner: &Inner, b: &pb::ReceiveBegin) -> Result<Option<Precopied>, String> {
+    if !b.precopy {
+        return Ok(None);
+    }
+    let store = inner
+        .precopies
+        .lock()
+        .remove(&b.move_id)
+        .ok_or_else(|| format!("no pre-copied memory arrived for move {}", b.move_id))?;
+    let stale = precopy::ranges_of(&b.stale);
+    store.discard(&stale);
+    Ok(Some(Precopied { store, stale }))
+}
+
+/// What the drain pulls from the source.
+enum Pull {
+    Nothing,
+    All,
+    Only(Vec<(u64, u64)>),
 }
 
 /// Gives locks handed over for a move that failed back to the source.
@@ -366,14 +432,31 @@ fn give_back(inner: &Inner, session: u64, to_pid: u32, held: Vec<migfs_proto::me
 
 /// Pulls what the process has not touched yet, closes the userfaultfd and
 /// tells the source it may destroy its copy.
-fn drain(inner: &Inner, client: &AgentClient, move_id: u64, lazy: Option<LazyPages>, eager: bool) {
+fn drain(
+    inner: &Inner,
+    client: &AgentClient,
+    move_id: u64,
+    lazy: Option<LazyPages>,
+    store: Option<Arc<Store>>,
+    remote: Pull,
+) {
     let mut report = pb::DrainedRequest {
         move_id,
         ..Default::default()
     };
     if let Some(lazy) = lazy {
-        if !eager {
-            match pull_all(&inner.rt, client, move_id, &lazy) {
+        if let Some(store) = store
+            && let Err(e) = store.install_all(&lazy)
+        {
+            report.error = e;
+        }
+        let only = match remote {
+            Pull::Nothing => None,
+            Pull::All => Some(Vec::new()),
+            Pull::Only(r) => Some(r),
+        };
+        if let Some(only) = only.filter(|_| report.error.is_empty()) {
+            match pull_all(&inner.rt, client, move_id, &lazy, &only) {
                 Ok(n) => report.pages_push = n,
                 Err(e) => report.error = e,
             }

@@ -41,6 +41,24 @@ pub fn lazy_ranges(img: &Image) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// The ranges of a running process's maps that a capture with lazy
+/// anonymous memory would leave out of the image (the same kinds as
+/// [`is_lazy_kind`]): private anonymous, heap and stack mappings that are
+/// accessible.
+pub fn lazy_ranges_of_maps(maps: &[crate::sys::procfs::MapEntry]) -> Vec<(u64, u64)> {
+    maps.iter()
+        .filter(|m| {
+            let (path, _) = m.file_path();
+            let anon = m.inode == 0 && (path.is_empty() || path.starts_with('['));
+            anon && !m.shared
+                && m.prot != 0
+                && path != "[vsyscall]"
+                && !crate::sys::vdso::is_vdso_part(m)
+        })
+        .map(|m| (m.start, m.end))
+        .collect()
+}
+
 /// Splits `(start, end)` runs into runs of at most `max` bytes.
 pub fn chunks(runs: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();

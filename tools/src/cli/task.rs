@@ -35,9 +35,11 @@ pub struct MoveArgs {
     /// Stop-and-copy: every page before the process resumes.
     #[arg(long)]
     eager: bool,
-    /// Copy memory while the process runs first (not available yet: the move
-    /// goes ahead without it and says so).
-    #[arg(long)]
+    /// Copy memory in rounds while the process runs (dirty pages tracked
+    /// with userfaultfd write-protect), then stop briefly. Alone, what is
+    /// left is sent during the stop and nothing is fetched from the source
+    /// after the resume; with --lazy, what is left follows on demand.
+    #[arg(long, conflicts_with = "eager")]
     precopy: bool,
     /// Print the report as one JSON object.
     #[arg(long)]
@@ -83,7 +85,12 @@ pub fn run_move(a: MoveArgs) -> anyhow::Result<ExitCode> {
         task_id,
         pid,
         target: a.node.clone(),
-        mode: if a.eager { Mode::Eager } else { Mode::Lazy } as i32,
+        // --precopy alone completes the copy before the resume.
+        mode: if a.eager || (a.precopy && !a.lazy) {
+            Mode::Eager
+        } else {
+            Mode::Lazy
+        } as i32,
         precopy: a.precopy,
         caller_uid: 0,
     };
@@ -145,6 +152,8 @@ fn report_json(r: &pb::MoveReport) -> serde_json::Value {
         "to": r.to,
         "mode": mode_name(r.mode),
         "precopy": r.precopy,
+        "precopy_rounds": r.precopy_rounds,
+        "pages_precopy": r.pages_precopy,
         "downtime_ms": round(r.downtime_ms),
         "total_ms": round(r.total_ms),
         "bytes": r.bytes,
@@ -162,13 +171,14 @@ fn round(ms: f64) -> f64 {
 
 fn print_report(r: &pb::MoveReport) {
     println!(
-        "moved task {} (pid {} on {}) to {} as pid {} ({})",
+        "moved task {} (pid {} on {}) to {} as pid {} ({}{})",
         r.task,
         r.source_pid,
         r.from,
         r.to,
         r.pid,
-        mode_name(r.mode)
+        mode_name(r.mode),
+        if r.precopy { ", pre-copied" } else { "" }
     );
     for p in &r.phases {
         println!("  {:<16} {:>10.1} ms", p.name, p.ms);
@@ -179,6 +189,12 @@ fn print_report(r: &pb::MoveReport) {
         "  {:<16} {:>10.1} ms after resume",
         "residual ended", r.residual_ms
     );
+    if r.precopy {
+        println!(
+            "  pre-copy: {} rounds, {} pages",
+            r.precopy_rounds, r.pages_precopy
+        );
+    }
     println!(
         "  pages: {} eager, {} on demand, {} pushed; {} bytes sent",
         r.pages_eager, r.pages_demand, r.pages_push, r.bytes

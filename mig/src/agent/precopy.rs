@@ -1,0 +1,362 @@
+//! Pre-copy (DESIGN "Migration", step 2): memory copied in rounds while
+//! the process still runs on the source, so the stop only has to cover
+//! what changed since the last round.
+//!
+//! Source: [`Rounds`] tracks writes with [`crate::pages::Tracker`]
+//! (userfaultfd write-protect + `PAGEMAP_SCAN`), sends every present page
+//! of the process's anonymous memory, then the pages written since, until
+//! what is left is small or stops shrinking. After the freeze,
+//! [`Rounds::finish`] names what is still stale (written since the last
+//! round, or mapped outside the tracked ranges) and, for a complete
+//! pre-copy, sends it too while the process is frozen.
+//!
+//! Target: a [`Store`] per move keeps the pages until the restore; the
+//! fault handler takes clean pages from it ([`StoreFirst`]) and the drain
+//! installs the rest of it, so only stale pages come from the source, or
+//! none at all after a complete pre-copy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migfs_proto::agent::{self as pb};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::{AgentClient, AgentError, Inner};
+use crate::pages::ranges::{intersect, normalize, subtract, total};
+use crate::pages::{LazyPages, PageFetch, PageSource, Tracker};
+
+const PAGE: u64 = 4096;
+/// Bytes per message.
+const CHUNK: u64 = 1 << 20;
+/// Rounds at most (the first sends everything).
+const MAX_ROUNDS: u32 = 8;
+/// Stop the rounds once this little is dirty.
+const SMALL: u64 = 2 << 20;
+/// A store no Receive claimed is dropped after this long.
+const STORE_TTL: Duration = Duration::from_secs(600);
+
+/// Pages of a running process sent to the target, round after round.
+pub struct Rounds {
+    pid: Pid,
+    move_id: u64,
+    tracker: Tracker,
+    reader: PageSource,
+    /// Written since the last round that sent them.
+    dirty: Vec<(u64, u64)>,
+    /// Rounds done.
+    pub rounds: u32,
+    /// Pages sent.
+    pub pages: u64,
+}
+
+impl Rounds {
+    /// Tracks the anonymous memory of `pid` and sends rounds to the target
+    /// until little is dirty, nothing improves, or [`MAX_ROUNDS`].
+    pub fn run(
+        inner: &Inner,
+        client: &AgentClient,
+        pid: Pid,
+        move_id: u64,
+        progress: &dyn Fn(String),
+    ) -> Result<Rounds, AgentError> {
+        let err = |e: crate::error::MigError| AgentError::phase("precopy", e);
+        let maps = crate::sys::procfs::maps(pid).map_err(|e| AgentError::phase("precopy", e))?;
+        let ranges = crate::pages::lazy_ranges_of_maps(&maps);
+        let tracker = Tracker::start(pid, &ranges).map_err(err)?;
+        let reader = PageSource::new(pid, ranges.clone()).map_err(err)?;
+        let mut r = Rounds {
+            pid,
+            move_id,
+            tracker,
+            reader,
+            dirty: ranges,
+            rounds: 0,
+            pages: 0,
+        };
+        let mut last = u64::MAX;
+        loop {
+            let dirty = std::mem::take(&mut r.dirty);
+            let sent = send(inner, client, &r.reader, move_id, &dirty)?;
+            r.pages += sent;
+            r.rounds += 1;
+            r.dirty = r.tracker.collect().map_err(err)?;
+            let left = total(&r.dirty);
+            progress(format!(
+                "precopy round {}: {} KiB sent, {} KiB written since",
+                r.rounds,
+                (sent * PAGE) >> 10,
+                left >> 10
+            ));
+            // Converged, or writes outpace the copy: stop either way.
+            if left <= SMALL || r.rounds >= MAX_ROUNDS || left >= last.saturating_mul(9) / 10 {
+                return Ok(r);
+            }
+            last = left;
+        }
+    }
+
+    /// With the process frozen and its image captured (`lazy`: the image's
+    /// lazy ranges): ends tracking and returns the ranges whose pre-copied
+    /// pages are stale. With `complete`, those are sent now and nothing is
+    /// stale.
+    pub fn finish(
+        mut self,
+        inner: &Inner,
+        client: &AgentClient,
+        lazy: &[(u64, u64)],
+        complete: bool,
+    ) -> Result<(Vec<(u64, u64)>, u64), AgentError> {
+        let err = |e: crate::error::MigError| AgentError::phase("precopy", e);
+        let mut stale = std::mem::take(&mut self.dirty);
+        stale.extend(self.tracker.collect().map_err(err)?);
+        // Memory mapped outside the tracked ranges since the start.
+        stale.extend(subtract(lazy, self.tracker.ranges()));
+        let stale = normalize(stale);
+        let Rounds {
+            tracker,
+            pid,
+            move_id,
+            rounds,
+            pages,
+            ..
+        } = self;
+        tracker.stop();
+        if !complete {
+            return Ok((stale, pages));
+        }
+        let reader = PageSource::new(pid, lazy.to_vec()).map_err(err)?;
+        let sent = send(inner, client, &reader, move_id, &intersect(&stale, lazy))?;
+        tracing::debug!(move_id, rounds, pages = pages + sent, "pre-copy complete");
+        Ok((Vec::new(), pages + sent))
+    }
+}
+
+/// One round: the target forgets `dirty`, then gets its present pages.
+fn send(
+    inner: &Inner,
+    client: &AgentClient,
+    reader: &PageSource,
+    move_id: u64,
+    dirty: &[(u64, u64)],
+) -> Result<u64, AgentError> {
+    let present = reader
+        .present()
+        .map_err(|e| AgentError::phase("precopy", e))?;
+    let runs = crate::pages::chunks(&intersect(&present, dirty), CHUNK);
+    let (tx, rx) = mpsc::channel::<pb::PrecopyMsg>(4);
+    let mut c = client.clone();
+    let call = inner
+        .rt
+        .spawn(async move { c.precopy(ReceiverStream::new(rx)).await });
+    let first = pb::PrecopyMsg {
+        move_id,
+        discard: dirty.iter().map(|&(s, e)| range(s, e)).collect(),
+        ..Default::default()
+    };
+    let mut sent = 0;
+    let mut ok = tx.blocking_send(first).is_ok();
+    for (s, e) in runs {
+        if !ok {
+            break;
+        }
+        let mut data = vec![0u8; usize::try_from(e - s).unwrap_or(0)];
+        reader
+            .read(s, &mut data)
+            .map_err(|e| AgentError::phase("precopy", e))?;
+        sent += (e - s) / PAGE;
+        ok = tx
+            .blocking_send(pb::PrecopyMsg {
+                move_id,
+                addr: s,
+                data,
+                ..Default::default()
+            })
+            .is_ok();
+    }
+    drop(tx);
+    inner
+        .rt
+        .block_on(call)
+        .map_err(|e| AgentError::phase("precopy", e))?
+        .map_err(|s| AgentError::phase("precopy", format!("target: {}", s.message())))?;
+    Ok(sent)
+}
+
+/// Tells the target to drop what it kept for a move that failed.
+pub fn abort(inner: &Inner, client: &AgentClient, move_id: u64) {
+    let mut c = client.clone();
+    let msg = pb::PrecopyMsg {
+        move_id,
+        abort: true,
+        ..Default::default()
+    };
+    let res = inner.rt.block_on(c.precopy(tokio_stream::once(msg)));
+    if let Err(s) = res {
+        tracing::warn!(move_id, error = %s.message(), "the target did not drop its pre-copied memory");
+    }
+}
+
+fn range(start: u64, end: u64) -> pb::PageRange {
+    pb::PageRange { start, end }
+}
+
+/// Ranges of a message.
+pub fn ranges_of(r: &[pb::PageRange]) -> Vec<(u64, u64)> {
+    normalize(r.iter().map(|r| (r.start, r.end)).collect())
+}
+
+/// Pre-copied pages of one move on the target, by address.
+pub struct Store {
+    pages: Mutex<HashMap<u64, Box<[u8]>>>,
+    born: Instant,
+}
+
+impl Store {
+    fn new() -> Store {
+        Store {
+            pages: Mutex::new(HashMap::new()),
+            born: Instant::now(),
+        }
+    }
+
+    /// Forgets the pages in `ranges`.
+    pub fn discard(&self, ranges: &[(u64, u64)]) {
+        let mut p = self.pages.lock();
+        for &(s, e) in ranges {
+            if (e - s) / PAGE < p.len() as u64 {
+                for a in (s..e).step_by(4096) {
+                    p.remove(&a);
+                }
+            } else {
+                p.retain(|a, _| *a < s || *a >= e);
+            }
+        }
+    }
+
+    fn put(&self, addr: u64, data: &[u8]) -> Result<(), String> {
+        if !addr.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
+            return Err(format!(
+                "pre-copied run {addr:#x}+{} not page-aligned",
+                data.len()
+            ));
+        }
+        let mut p = self.pages.lock();
+        for (i, page) in data.chunks(4096).enumerate() {
+            p.insert(addr + i as u64 * PAGE, page.into());
+        }
+        Ok(())
+    }
+
+    /// Pages kept.
+    pub fn len(&self) -> u64 {
+        self.pages.lock().len() as u64
+    }
+
+    /// The `len` bytes at `addr` if every page is kept; with `zero_fill`,
+    /// missing pages read as zeros.
+    fn read(&self, addr: u64, len: usize, zero_fill: bool) -> Option<Vec<u8>> {
+        let p = self.pages.lock();
+        let mut out = vec![0u8; len];
+        for (i, chunk) in out.chunks_mut(4096).enumerate() {
+            match p.get(&(addr + i as u64 * PAGE)) {
+                Some(page) => chunk.copy_from_slice(&page[..chunk.len()]),
+                None if zero_fill => {}
+                None => return None,
+            }
+        }
+        Some(out)
+    }
+
+    /// Installs every kept page the process does not have yet, in runs;
+    /// returns the pages newly installed. The pages stay readable by the
+    /// fault handler until all are installed (one it serves meanwhile
+    /// must not read as missing); the store is empty afterwards.
+    pub fn install_all(&self, lazy: &LazyPages) -> Result<u64, String> {
+        let mut addrs: Vec<u64> = self.pages.lock().keys().copied().collect();
+        addrs.sort_unstable();
+        let mut n = 0;
+        let mut i = 0;
+        while i < addrs.len() {
+            let start = addrs[i];
+            let mut buf = Vec::with_capacity(1 << 20);
+            {
+                let p = self.pages.lock();
+                while i < addrs.len()
+                    && addrs[i] == start + buf.len() as u64
+                    && (buf.len() as u64) < CHUNK
+                {
+                    if let Some(page) = p.get(&addrs[i]) {
+                        buf.extend_from_slice(page);
+                    }
+                    i += 1;
+                }
+            }
+            if buf.is_empty() {
+                continue;
+            }
+            n += lazy
+                .install(start, &buf)
+                .map_err(|e| format!("install pre-copied {start:#x}: {e}"))?;
+        }
+        self.pages.lock().clear();
+        Ok(n)
+    }
+}
+
+/// Takes a Precopy stream into the move's store.
+pub async fn receive(
+    inner: &Inner,
+    mut msgs: Streaming<pb::PrecopyMsg>,
+) -> Result<pb::PrecopyReply, Status> {
+    let mut store: Option<Arc<Store>> = None;
+    while let Some(m) = msgs.next().await {
+        let m = m?;
+        if m.abort {
+            inner.precopies.lock().remove(&m.move_id);
+            return Ok(pb::PrecopyReply { pages: 0 });
+        }
+        let s = store.get_or_insert_with(|| {
+            let mut all = inner.precopies.lock();
+            all.retain(|_, s| s.born.elapsed() < STORE_TTL);
+            Arc::clone(
+                all.entry(m.move_id)
+                    .or_insert_with(|| Arc::new(Store::new())),
+            )
+        });
+        s.discard(&ranges_of(&m.discard));
+        if !m.data.is_empty() {
+            s.put(m.addr, &m.data).map_err(Status::invalid_argument)?;
+        }
+    }
+    Ok(pb::PrecopyReply {
+        pages: store.map_or(0, |s| s.len()),
+    })
+}
+
+/// Pages for the fault handler: pre-copied ones from the store, the rest
+/// from the source (or zeros after a complete pre-copy, where a page not
+/// kept had no data on the source).
+pub struct StoreFirst {
+    /// The move's pre-copied pages.
+    pub store: Arc<Store>,
+    /// The source's page server; `None` after a complete pre-copy.
+    pub remote: Option<Arc<dyn PageFetch>>,
+}
+
+impl PageFetch for StoreFirst {
+    fn fetch(&self, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+        if let Some(d) = self.store.read(addr, len, self.remote.is_none()) {
+            return Ok(d);
+        }
+        match &self.remote {
+            Some(r) => r.fetch(addr, len),
+            None => Err(format!("{addr:#x}+{len}: not pre-copied")),
+        }
+    }
+}
