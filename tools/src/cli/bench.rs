@@ -36,7 +36,10 @@ enum Cmd {
     /// (internal) Measures one directory for `bench fs`.
     #[command(hide = true)]
     FsRun(super::bench_fs::RunArgs),
-    /// (internal) The process `bench checkpoint` moves.
+    /// Live migration between two nodes of a local cluster: downtime, total
+    /// time, bytes and residual dependency per mode, beside loopback TCP.
+    Move(super::bench_move::MoveArgs),
+    /// (internal) The process `bench checkpoint` and `bench move` move.
     #[command(hide = true)]
     Workload(WorkloadArgs),
 }
@@ -52,16 +55,24 @@ struct CheckpointArgs {
 }
 
 #[derive(Debug, Parser)]
-struct WorkloadArgs {
+pub struct WorkloadArgs {
     #[arg(long)]
     mib: u64,
     #[arg(long)]
     out: PathBuf,
+    /// Rewrite this many MB of its memory per second (pages at random).
+    #[arg(long, default_value_t = 0)]
+    dirty_mbs: u64,
+    /// When this file exists: read all of the memory once, append
+    /// "readall <ms>", remove the file.
+    #[arg(long)]
+    readall: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     match a.cmd {
         Cmd::Checkpoint(c) => bench(c),
+        Cmd::Move(m) => super::bench_move::run(m),
         Cmd::Fs(a) => super::bench_fs::run(a),
         Cmd::FsRun(a) => super::bench_fs::run_one(a),
         Cmd::Workload(w) => workload(w),
@@ -90,11 +101,35 @@ fn workload(w: WorkloadArgs) -> anyhow::Result<ExitCode> {
     writeln!(out, "ready")?;
     // Instant is CLOCK_MONOTONIC: it goes on across the checkpoint.
     let base = Instant::now();
+    let pages = (n / 4096).max(1);
+    let dirty_per_tick = w.dirty_mbs * 1_000_000 / 100 / 4096;
+    let mut seed = u64::from(std::process::id()) | 1;
     loop {
         writeln!(out, "beat {}", base.elapsed().as_nanos())?;
         std::thread::sleep(Duration::from_millis(10));
         std::hint::black_box(&mem);
         mem[0] = mem[0].wrapping_add(1);
+        for _ in 0..dirty_per_tick {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let at = usize::try_from(seed % pages as u64)? * 4096;
+            let end = (at + 4096).min(n);
+            for b in &mut mem[at..end] {
+                *b = b.wrapping_add(1);
+            }
+        }
+        if let Some(go) = &w.readall
+            && go.exists()
+        {
+            let t = Instant::now();
+            let sum = mem
+                .iter()
+                .fold(0u64, |acc, &b| acc.wrapping_add(u64::from(b)));
+            std::hint::black_box(sum);
+            writeln!(out, "readall {:.3}", t.elapsed().as_secs_f64() * 1e3)?;
+            let _ = fs::remove_file(go);
+        }
     }
 }
 

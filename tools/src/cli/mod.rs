@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod bench_fs;
+pub mod bench_move;
 pub mod checkpoint;
 pub mod cluster;
 pub mod meta;
