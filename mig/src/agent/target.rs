@@ -115,20 +115,39 @@ fn pull_all(
         .iter()
         .map(|&(start, end)| pb::PageRange { start, end })
         .collect();
-    rt.block_on(async {
-        let mut s = c
-            .push_pages(pb::PushRequest { move_id, only })
-            .await
-            .map_err(|s| format!("push: {}", s.message()))?
-            .into_inner();
-        let mut n = 0;
-        while let Some(run) = s.next().await {
-            let run = run.map_err(|s| format!("push: {}", s.message()))?;
-            n += lazy
-                .install(run.addr, &run.data)
-                .map_err(|e| format!("install {:#x}: {e}", run.addr))?;
-        }
-        Ok(n)
+    // Receiving and installing overlap: the installer works on one run
+    // while the next ones arrive.
+    let (tx, rx) = std_mpsc::sync_channel::<pb::PageRun>(8);
+    std::thread::scope(|scope| {
+        let installer = scope.spawn(move || -> Result<u64, String> {
+            let mut n = 0;
+            for run in rx {
+                n += lazy
+                    .install(run.addr, &run.data)
+                    .map_err(|e| format!("install {:#x}: {e}", run.addr))?;
+            }
+            Ok(n)
+        });
+        let received = rt.block_on(async {
+            let mut s = c
+                .push_pages(pb::PushRequest { move_id, only })
+                .await
+                .map_err(|s| format!("push: {}", s.message()))?
+                .into_inner();
+            while let Some(run) = s.next().await {
+                let run = run.map_err(|s| format!("push: {}", s.message()))?;
+                if tx.send(run).is_err() {
+                    // The installer stopped on an error: it says which.
+                    break;
+                }
+            }
+            Ok::<(), String>(())
+        });
+        drop(tx);
+        let installed = installer
+            .join()
+            .unwrap_or_else(|_| Err("the page installer panicked".into()));
+        received.and(installed)
     })
 }
 
