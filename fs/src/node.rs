@@ -157,6 +157,9 @@ pub async fn run(
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .initial_stream_window_size(migfs_proto::STREAM_WINDOW)
+            .initial_connection_window_size(migfs_proto::CONNECTION_WINDOW)
+            .max_frame_size(migfs_proto::MAX_FRAME)
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -42,3 +42,12 @@ pub mod agent {
 
 /// Largest gRPC message either side accepts (block batches, block maps).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// HTTP/2 flow-control window per stream. The 64 KiB default caps one
+/// stream at a few hundred MB/s even on loopback; pages and blocks move
+/// in MiB-sized messages.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+/// HTTP/2 flow-control window per connection (all its streams).
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Largest HTTP/2 frame (the 16 KiB default cuts a 4 MiB message into 256).
+pub const MAX_FRAME: u32 = (1 << 24) - 1;

@@ -144,7 +144,10 @@ impl BlockStore {
             .map_err(|e| FsError::Invalid(format!("node address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .initial_stream_window_size(migfs_proto::STREAM_WINDOW)
+            .initial_connection_window_size(migfs_proto::CONNECTION_WINDOW)
+            .max_frame_size(migfs_proto::MAX_FRAME);
         let c = BlocksClient::with_interceptor(ep.connect_lazy(), Present(self.secret.clone()))
             .max_decoding_message_size(migfs_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(migfs_proto::MAX_MESSAGE_BYTES);

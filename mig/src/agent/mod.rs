@@ -146,6 +146,9 @@ impl Inner {
         let ch = Channel::from_shared(format!("http://{addr}"))
             .map_err(|e| AgentError::Invalid(format!("agent address {addr}: {e}")))?
             .tcp_nodelay(true)
+            .initial_stream_window_size(migfs_proto::STREAM_WINDOW)
+            .initial_connection_window_size(migfs_proto::CONNECTION_WINDOW)
+            .max_frame_size(migfs_proto::MAX_FRAME)
             .connect_timeout(std::time::Duration::from_secs(5))
             .connect_lazy();
         Ok(

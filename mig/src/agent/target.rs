@@ -119,13 +119,25 @@ fn pull_all(
     // while the next ones arrive.
     let (tx, rx) = std_mpsc::sync_channel::<pb::PageRun>(8);
     std::thread::scope(|scope| {
+        let t0 = Instant::now();
         let installer = scope.spawn(move || -> Result<u64, String> {
-            let mut n = 0;
+            let (mut n, mut busy, mut bytes) = (0, std::time::Duration::ZERO, 0usize);
             for run in rx {
+                let t = Instant::now();
                 n += lazy
                     .install(run.addr, &run.data)
                     .map_err(|e| format!("install {:#x}: {e}", run.addr))?;
+                busy += t.elapsed();
+                bytes += run.data.len();
             }
+            tracing::info!(
+                move_id,
+                mib = bytes >> 20,
+                pages = n,
+                ms = t0.elapsed().as_millis(),
+                install_ms = busy.as_millis(),
+                "pages pulled"
+            );
             Ok(n)
         });
         let received = rt.block_on(async {
