@@ -505,6 +505,15 @@ fn the_memory_policy_relieves_a_node_over_its_budget() {
     );
     let p = placement(&c, &all);
     assert_eq!((p[0].0.as_str(), p[1].0.as_str()), ("n2", "n1"));
+    // Once n1 reported without the moved task's memory (its frozen
+    // original is gone when the move's report comes), nothing more moves.
+    let relieved = within(10_000, || {
+        let st = status(&c);
+        let nodes = st["nodes"].as_array().unwrap();
+        let n1 = nodes.iter().find(|n| n["name"] == "n1").unwrap();
+        n1["load"]["mem_available_bytes"].as_u64().unwrap_or(0) > 150 << 20
+    });
+    assert!(relieved, "n1 still short: {}", status(&c));
     let again = c.exec_ok("n1", &[&m(), "balance", "--policy", "memory", "--once"]);
     assert_eq!(again.trim(), "no move needed");
     stop_and_check(&c, &all);

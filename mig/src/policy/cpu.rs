@@ -73,6 +73,7 @@ impl CpuPolicy {
     /// Each usable node's load, brought up to date with the task table.
     fn loads(&self, s: &ClusterState) -> Vec<(NodeId, f64)> {
         s.usable(self.common.stale)
+            .filter(|(n, _)| self.history.settled(n.id))
             .map(|(n, l)| {
                 let load = s.adjusted(n, l.runnable, |f| f.0, |t| self.demand(t));
                 (n.id, load)
@@ -120,6 +121,7 @@ impl Policy for CpuPolicy {
         self.known
             .retain(|id, _| s.tasks.iter().any(|t| t.id == *id));
         self.history.retain(|id| s.tasks.iter().any(|t| t.id == id));
+        self.history.observe(s);
         let mut loads = self.loads(s);
         if loads.len() < 2 {
             return Vec::new();
@@ -159,7 +161,10 @@ impl Policy for CpuPolicy {
 
     fn outcome(&mut self, d: &Decision, outcome: &Outcome, now: Duration) {
         match outcome {
-            Outcome::Moved => self.history.moved(d.task),
+            Outcome::Moved => {
+                self.history.moved(d.task);
+                self.history.settle(d.from, d.to);
+            }
             Outcome::Failed(_) => {
                 self.history.failed(d.task, now, &self.common.hysteresis);
             }
@@ -170,7 +175,7 @@ impl Policy for CpuPolicy {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{MIB, add_task, apply, node, spread};
+    use super::super::testing::{MIB, add_task, apply, node, spread, tick};
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
@@ -298,7 +303,7 @@ mod tests {
             },
             Thresholds::default(),
         );
-        let s = two_nodes(2);
+        let mut s = two_nodes(2);
         let first = p.decide(&s, S(0));
         assert_eq!(first.len(), 1);
         let t = first[0].task;
@@ -310,15 +315,41 @@ mod tests {
         p.outcome(&other[0], &Outcome::Moved, S(1));
         assert!(p.decide(&s, S(5)).is_empty(), "t pauses, the other rests");
         for at in [10, 20] {
+            // Two reports since: the nodes of the last move settled.
+            tick(&mut s);
+            tick(&mut s);
             let again = p.decide(&s, S(at));
             assert_eq!(again[0].task, t, "retried after the pause");
             p.outcome(&again[0], &Outcome::Failed("task exited".into()), S(at));
         }
         // Three failures: dropped for 10 minutes.
+        tick(&mut s);
         let d = p.decide(&s, S(100));
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].task, other[0].task, "t was dropped");
         assert_eq!(p.decide(&s, S(620))[0].task, t, "back after drop_for");
+    }
+
+    #[test]
+    fn no_move_touches_a_node_before_it_reported_after_the_last_one() {
+        let mut p = CpuPolicy::new(
+            Common {
+                max_moves: 1,
+                ..Common::default()
+            },
+            Thresholds::default(),
+        );
+        let mut s = two_nodes(4);
+        let d = p.decide(&s, S(0));
+        p.outcome(&d[0], &Outcome::Moved, S(0));
+        // Table and reports up to date already: still wait for two reports
+        // after the next round (one may cover a sample from before).
+        apply(&mut s, &d, true);
+        assert!(p.decide(&s, S(1)).is_empty());
+        tick(&mut s);
+        assert!(p.decide(&s, S(2)).is_empty());
+        tick(&mut s);
+        assert_eq!(p.decide(&s, S(3)).len(), 1, "settled");
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! What a policy remembers between rounds so that it does not flap: a
 //! task it decided to move rests for a cooldown; a move that failed is
-//! retried after a pause, and dropped after a few failures.
+//! retried after a pause, and dropped after a few failures; the two nodes
+//! of a move settle until they have reported a sample taken wholly after
+//! it (until then their figures still show the move: a frozen original
+//! holding its memory, a restored process not measured yet).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use migfs_proto::ids::TaskId;
+use migfs_proto::ids::{NodeId, TaskId};
+
+use super::ClusterState;
 
 /// How long tasks rest after a decision and after failures.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,11 +43,19 @@ struct Entry {
     failures: u32,
 }
 
-/// Per-task rest periods.
+/// Per-task rest periods, settling nodes.
 #[derive(Clone, Debug, Default)]
 pub struct History {
     rest: HashMap<TaskId, Entry>,
+    /// Nodes a move touched: the report number they must reach (`None`
+    /// until the next round saw their latest).
+    settling: HashMap<NodeId, Option<u64>>,
 }
+
+/// Reports a settling node must send after the first round that follows
+/// the move: the first of them may cover a sample begun before the move
+/// ended; the second cannot.
+const SETTLE_REPORTS: u64 = 2;
 
 impl History {
     /// Whether `task` may be moved at `now`.
@@ -94,6 +107,30 @@ impl History {
     pub fn retain(&mut self, live: impl Fn(TaskId) -> bool) {
         self.rest.retain(|t, _| live(*t));
     }
+
+    /// A move between `from` and `to` was carried out: both settle.
+    pub fn settle(&mut self, from: NodeId, to: NodeId) {
+        self.settling.insert(from, None);
+        self.settling.insert(to, None);
+    }
+
+    /// Takes the reports of a new round: settling nodes that reported
+    /// enough since are settled (a node without a report, or gone, too).
+    pub fn observe(&mut self, s: &ClusterState) {
+        self.settling.retain(|id, until| {
+            let Some(seq) = s.node(*id).and_then(|n| Some(n.load.as_ref()?.seq)) else {
+                return false;
+            };
+            let target = *until.get_or_insert(seq + SETTLE_REPORTS);
+            // A restarted agent counts from 1 again.
+            seq < target && seq + 2 * SETTLE_REPORTS >= target
+        });
+    }
+
+    /// Whether `node` has settled since the last move that touched it.
+    pub fn settled(&self, node: NodeId) -> bool {
+        !self.settling.contains_key(&node)
+    }
 }
 
 #[cfg(test)]
@@ -114,6 +151,36 @@ mod tests {
         assert!(hist.eligible(t, S(70)));
         hist.undo(t);
         assert!(hist.eligible(t, S(11)), "an undone decision leaves no rest");
+    }
+
+    #[test]
+    fn the_nodes_of_a_move_settle_for_two_reports_after_the_next_round() {
+        use crate::policy::testing::{MIB, node};
+        let mut s = ClusterState {
+            nodes: vec![node(1, 0.0, MIB, MIB), node(2, 0.0, MIB, MIB)],
+            tasks: Vec::new(),
+        };
+        let seq = |s: &mut ClusterState, v: u64| {
+            for n in &mut s.nodes {
+                n.load.as_mut().unwrap().seq = v;
+            }
+        };
+        seq(&mut s, 10);
+        let mut hist = History::default();
+        hist.settle(NodeId(1), NodeId(2));
+        for (v, settled) in [(10, false), (11, false), (12, true)] {
+            seq(&mut s, v);
+            hist.observe(&s);
+            assert_eq!(hist.settled(NodeId(1)), settled, "at report {v}");
+            assert_eq!(hist.settled(NodeId(2)), settled, "at report {v}");
+        }
+        // A node that restarted its count, or stopped reporting, is settled.
+        hist.settle(NodeId(1), NodeId(2));
+        hist.observe(&s);
+        seq(&mut s, 1);
+        s.nodes[1].load = None;
+        hist.observe(&s);
+        assert!(hist.settled(NodeId(1)) && hist.settled(NodeId(2)));
     }
 
     #[test]

@@ -75,6 +75,7 @@ impl MemoryPolicy {
 
     fn mems(&self, s: &ClusterState) -> Vec<Mem> {
         s.usable(self.common.stale)
+            .filter(|(n, _)| self.history.settled(n.id))
             .map(|(n, l)| {
                 let total = l.mem_total as f64;
                 let used = l.mem_total.saturating_sub(l.mem_available) as f64;
@@ -157,6 +158,7 @@ impl Policy for MemoryPolicy {
 
     fn decide(&mut self, s: &ClusterState, now: Duration) -> Vec<Decision> {
         self.history.retain(|id| s.tasks.iter().any(|t| t.id == id));
+        self.history.observe(s);
         let mut mems = self.mems(s);
         // Nodes short of memory, the shortest first; each gives tasks away
         // until it reaches its aim (or nothing more fits anywhere).
@@ -189,7 +191,10 @@ impl Policy for MemoryPolicy {
 
     fn outcome(&mut self, d: &Decision, outcome: &Outcome, now: Duration) {
         match outcome {
-            Outcome::Moved => self.history.moved(d.task),
+            Outcome::Moved => {
+                self.history.moved(d.task);
+                self.history.settle(d.from, d.to);
+            }
             Outcome::Failed(_) => {
                 self.history.failed(d.task, now, &self.common.hysteresis);
             }
@@ -200,7 +205,7 @@ impl Policy for MemoryPolicy {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{MIB, add_task, apply, node, spread};
+    use super::super::testing::{MIB, add_task, apply, node, spread, tick};
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
@@ -241,6 +246,25 @@ mod tests {
             assert!(p.decide(&s, S(i)).is_empty(), "round {i}");
         }
         assert_eq!(spread(&s), [2, 1]);
+    }
+
+    #[test]
+    fn a_report_taken_while_the_original_still_held_its_memory_moves_nothing() {
+        let mut p = policy();
+        let mut s = cluster(&[100, 150, 600], 90);
+        let d = p.decide(&s, S(0));
+        p.outcome(&d[0], &Outcome::Moved, S(0));
+        apply(&mut s, &d, false);
+        // n1 measured during the drain: t11 is no task of n1 any more, but
+        // its frozen original still holds its 150 MiB there.
+        tick(&mut s);
+        s.nodes[0].load.as_mut().unwrap().tasks.remove(&TaskId(11));
+        assert!(p.decide(&s, S(1)).is_empty(), "n1 and n2 settle first");
+        tick(&mut s);
+        assert!(
+            p.decide(&s, S(2)).is_empty(),
+            "one report may be from before"
+        );
     }
 
     #[test]

@@ -210,6 +210,7 @@ pub(crate) mod testing {
             if !report {
                 continue;
             }
+            tick(s);
             for n in &mut s.nodes {
                 let Some(l) = n.load.as_mut() else { continue };
                 if n.id == d.from {
@@ -222,6 +223,13 @@ pub(crate) mod testing {
                     l.tasks.insert(d.task, (cpu, rss));
                 }
             }
+        }
+    }
+
+    /// Every node sends its next report.
+    pub fn tick(s: &mut ClusterState) {
+        for l in s.nodes.iter_mut().filter_map(|n| n.load.as_mut()) {
+            l.seq += 1;
         }
     }
 

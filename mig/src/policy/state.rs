@@ -47,6 +47,8 @@ pub struct LoadView {
     pub mem_available: u64,
     /// Per task the report covers: (demand in CPUs, resident bytes).
     pub tasks: HashMap<TaskId, (f64, u64)>,
+    /// The report's number (each node counts its reports from 1).
+    pub seq: u64,
 }
 
 /// One live task.
@@ -170,6 +172,7 @@ fn node_view(n: &NodeInfo) -> NodeView {
                 .iter()
                 .map(|t| (TaskId(t.task_id), (t.cpu, t.rss_bytes)))
                 .collect(),
+            seq: l.seq,
         }),
     }
 }
