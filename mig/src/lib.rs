@@ -9,6 +9,8 @@
 //! - [`capture`]: registers, memory, files, signals → image.
 //! - [`checkpoint`]: check + freeze + capture + end (or thaw) in one call.
 //! - [`image`]: the image format (prost messages, blake3 per segment).
+//! - [`policy`]: what to move where (the balancer's policies); pure code
+//!   that the mechanism never imports.
 //! - [`pages`]: lazy memory: the page reader of a frozen original and the
 //!   userfaultfd handler of its restored copy.
 //! - [`restore`]: rebuild a process by driving a stub with ptrace.
@@ -39,6 +41,7 @@ pub mod error;
 pub mod freeze;
 pub mod image;
 pub mod pages;
+pub mod policy;
 pub mod restore;
 pub mod sys;
 

@@ -1,4 +1,5 @@
-//! Identity newtypes: an inode, a node, a session and a block name never mix.
+//! Identity newtypes: an inode, a node, a session, a task and a block name
+//! never mix.
 
 use std::fmt;
 
@@ -34,6 +35,17 @@ pub struct SessionId(pub u64);
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "session#{}", self.0)
+    }
+}
+
+/// A task: the global name of a process, the same wherever it runs
+/// (assigned by the metadata server). Shown as `t42`, as `migfs ps` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(pub u64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{}", self.0)
     }
 }
 

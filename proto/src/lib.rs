@@ -7,7 +7,7 @@
 //! - [`block`]: the block service each node serves from its block store.
 //! - [`image`]: the checkpoint image of a process (`migfs checkpoint`).
 //! - [`agent`]: the migration agent and page server on every node.
-//! - [`ids`]: `Ino`, `NodeId`, `SessionId`, `BlockHash`.
+//! - [`ids`]: `Ino`, `NodeId`, `SessionId`, `TaskId`, `BlockHash`.
 //! - [`errno`]: carrying a POSIX errno inside a `tonic::Status`.
 //! - [`auth`]: the cluster secret, presented on every call and checked.
 #![warn(missing_docs)]
@@ -16,29 +16,52 @@ pub mod auth;
 pub mod errno;
 pub mod ids;
 
-/// The metadata service, `migfs.meta.v1`.
+/// The generated code, nested as the proto packages are, so that one
+/// package can name another's messages (the agent's `Cluster` reply
+/// carries `migfs.meta.v1` nodes and tasks). Use the short paths below.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod meta {
-    tonic::include_proto!("migfs.meta.v1");
+pub mod migfs {
+    /// `migfs.meta.v1`.
+    pub mod meta {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("migfs.meta.v1");
+        }
+    }
+    /// `migfs.block.v1`.
+    pub mod block {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("migfs.block.v1");
+        }
+    }
+    /// `migfs.image.v1`.
+    pub mod image {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("migfs.image.v1");
+        }
+    }
+    /// `migfs.agent.v1`.
+    pub mod agent {
+        /// Version 1.
+        pub mod v1 {
+            tonic::include_proto!("migfs.agent.v1");
+        }
+    }
 }
+
+/// The metadata service, `migfs.meta.v1`.
+pub use migfs::meta::v1 as meta;
 
 /// The block service, `migfs.block.v1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod block {
-    tonic::include_proto!("migfs.block.v1");
-}
+pub use migfs::block::v1 as block;
 
 /// The checkpoint image format, `migfs.image.v1` (docs/image-format.md).
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod image {
-    tonic::include_proto!("migfs.image.v1");
-}
+pub use migfs::image::v1 as image;
 
 /// The migration agent and page server, `migfs.agent.v1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod agent {
-    tonic::include_proto!("migfs.agent.v1");
-}
+pub use migfs::agent::v1 as agent;
 
 /// Largest gRPC message either side accepts (block batches, block maps).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -222,6 +222,8 @@ pub fn list_nodes<R: Read + ?Sized>(r: &R) -> Result<Vec<NodeInfo>> {
             capacity_bytes: n.capacity,
             free_bytes: n.free,
             last_heartbeat_ms: n.last_heartbeat_ms,
+            // The server's in-memory load reports fill it in.
+            load: None,
         });
     }
     Ok(out)

@@ -158,3 +158,17 @@ pub fn exited(t: &mut Txn<'_>, id: u64, node_id: u64, pid: u32, code: i32) -> Re
     put(t, &task);
     Ok(task)
 }
+
+/// Pins task `id` (the balancer leaves it where it is) or unpins it. An
+/// exited task cannot be pinned any more.
+pub fn pin(t: &mut Txn<'_>, id: u64, pinned: bool) -> Result<TaskInfo> {
+    let mut task = get(t, id)?;
+    if task.state() == TaskState::TaskExited {
+        return Err(e::enoent(format!("task {id} has exited")));
+    }
+    if task.pinned != pinned {
+        task.pinned = pinned;
+        put(t, &task);
+    }
+    Ok(task)
+}

@@ -9,6 +9,7 @@ use migfs_proto::meta::{self as pb, meta_server::Meta};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::load::{self, Loads};
 use super::watch;
 use crate::db::MetaDb;
 use crate::error::{MetaError, Result, e};
@@ -28,6 +29,7 @@ const GC_CLAIM_MAX: u32 = 65536;
 #[derive(Clone, Debug)]
 pub struct MetaService {
     db: Arc<MetaDb>,
+    loads: Arc<Loads>,
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -53,7 +55,10 @@ fn hash(b: &[u8]) -> Result<[u8; 32]> {
 impl MetaService {
     /// A service over `db`.
     pub fn new(db: Arc<MetaDb>) -> MetaService {
-        MetaService { db }
+        MetaService {
+            db,
+            loads: Arc::new(Loads::default()),
+        }
     }
 
     /// Runs a mutating operation for session `origin` on a blocking thread.
@@ -178,11 +183,28 @@ impl Meta for MetaService {
 
     #[instrument(level = "debug", skip_all)]
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Reply<pb::ListNodesReply> {
-        finish(
-            self.read(|s| sessions::list_nodes(s))
-                .await
-                .map(|nodes| pb::ListNodesReply { nodes }),
-        )
+        let res = self.read(|s| sessions::list_nodes(s)).await;
+        finish(res.map(|mut nodes| {
+            self.loads.fill(&mut nodes);
+            pb::ListNodesReply { nodes }
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(session = req.get_ref().session_id))]
+    async fn report_load(&self, req: Request<pb::ReportLoadRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        let Some(l) = r.load else {
+            return finish(Err(e::einval("a load report without a load")));
+        };
+        if let Err(err) = load::check(&l) {
+            return finish(Err(err));
+        }
+        let sid = r.session_id;
+        let res = self.read(move |s| sessions::session(s, sid)).await;
+        finish(res.map(|s| {
+            self.loads.record(s.node, l);
+            pb::Empty {}
+        }))
     }
 
     type WatchStream = watch::WatchStream;
@@ -599,6 +621,15 @@ impl Meta for MetaService {
             })
             .await;
         finish(res)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(task = req.get_ref().task_id, pinned = req.get_ref().pinned))]
+    async fn task_pin(&self, req: Request<pb::TaskPinRequest>) -> Reply<pb::TaskInfo> {
+        let r = req.into_inner();
+        finish(
+            self.write(0, move |t| tasks::pin(t, r.task_id, r.pinned))
+                .await,
+        )
     }
 }
 

@@ -9,14 +9,18 @@
 //!   through userfaultfd), holds it until the source commits, lets it run,
 //!   pulls the rest of its memory and tells the source it is done.
 //! - [`run`]: starts commands as tasks and reports how they end.
+//! - [`load`]: measures the node's load and reports it; `view`: the
+//!   cluster and task pins for local clients.
 //!
 //! The agent never decides what to move where: that is policy's job.
 
 pub mod client;
+pub mod load;
 mod precopy;
 mod run;
 mod source;
 mod target;
+mod view;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -206,7 +210,7 @@ impl Agent {
             .tcp_nodelay(true)
             .connect_lazy();
         let meta = MetaClient::with_interceptor(ch, Present(cfg.secret.clone()));
-        Ok(Agent {
+        let agent = Agent {
             inner: Arc::new(Inner {
                 cfg,
                 meta,
@@ -215,7 +219,9 @@ impl Agent {
                 precopies: Mutex::new(HashMap::new()),
                 next_move: AtomicU64::new(1),
             }),
-        })
+        };
+        load::start(&agent.inner);
+        Ok(agent)
     }
 
     /// The service for the node's TCP address (secret checked).
@@ -322,6 +328,25 @@ impl AgentRpc for AgentService {
     ) -> Result<Response<pb::TasksReply>, Status> {
         let r = req.into_inner();
         Ok(Response::new(run::tasks(&self.inner, &r).await?))
+    }
+
+    async fn cluster(
+        &self,
+        _req: Request<pb::ClusterRequest>,
+    ) -> Result<Response<pb::ClusterReply>, Status> {
+        Ok(Response::new(view::cluster(&self.inner).await?))
+    }
+
+    async fn pin(
+        &self,
+        req: Request<pb::PinRequest>,
+    ) -> Result<Response<migfs_proto::meta::TaskInfo>, Status> {
+        let cred = local_cred(&req);
+        let mut r = req.into_inner();
+        if let Some((uid, _)) = cred {
+            r.caller_uid = uid;
+        }
+        Ok(Response::new(view::pin(&self.inner, r).await?))
     }
 
     async fn prepare(

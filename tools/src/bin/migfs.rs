@@ -37,6 +37,12 @@ enum Cmd {
     Ps(cli::task::PsArgs),
     /// Start a command as a task; its output comes here wherever it runs.
     Run(cli::task::RunArgs),
+    /// The cluster's nodes with their load, and its tasks.
+    Status(cli::status::Args),
+    /// Pin a task (the balancer never moves it), or --unpin it.
+    Pin(cli::pin::Args),
+    /// Move tasks automatically to spread load (--policy cpu|memory).
+    Balance(cli::balance::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +57,9 @@ fn main() -> ExitCode {
         Cmd::Move(a) => cli::task::run_move(a),
         Cmd::Ps(a) => cli::task::run_ps(a),
         Cmd::Run(a) => cli::task::run_run(a),
+        Cmd::Status(a) => cli::status::run(a),
+        Cmd::Pin(a) => cli::pin::run(a),
+        Cmd::Balance(a) => cli::balance::run(a),
     };
     match res {
         Ok(code) => code,

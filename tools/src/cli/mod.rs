@@ -3,6 +3,7 @@
 //! runtime builds its own, so `cluster exec` can enter namespaces while the
 //! process is still single-threaded.
 
+pub mod balance;
 pub mod bench;
 pub mod bench_fs;
 pub mod bench_move;
@@ -10,7 +11,9 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod meta;
 pub mod node;
+pub mod pin;
 pub mod restore;
+pub mod status;
 pub mod task;
 
 use std::path::Path;

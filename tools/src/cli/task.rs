@@ -18,7 +18,7 @@ use tokio_stream::StreamExt;
 pub struct Local {
     /// Mount point of migfs on this node.
     #[arg(long, env = "MIGFS_MOUNT", default_value = "/migfs")]
-    mount: PathBuf,
+    pub(crate) mount: PathBuf,
 }
 
 #[derive(Debug, Parser)]
@@ -48,7 +48,7 @@ pub struct MoveArgs {
     local: Local,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -57,7 +57,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `t42` / `task:42` is a task; a number is a local PID if one exists,
 /// else a task id.
-fn parse_target(what: &str) -> anyhow::Result<(u64, u32)> {
+pub(crate) fn parse_target(what: &str) -> anyhow::Result<(u64, u32)> {
     let task = what
         .strip_prefix("task:")
         .or_else(|| what.strip_prefix('t'));
@@ -397,7 +397,7 @@ impl Relay {
 }
 
 /// A command line on one line of at most 80 characters.
-fn one_line(cmd: &str) -> String {
+pub(crate) fn one_line(cmd: &str) -> String {
     let flat: String = cmd
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
