@@ -328,6 +328,7 @@ fn rebuild(
         }
     };
     let eager = Mode::try_from(b.mode) == Ok(Mode::Eager);
+    let t_locks = t0.elapsed();
     let copied = match precopied(&inner, b) {
         Ok(p) => p,
         Err(e) => {
@@ -363,6 +364,12 @@ fn rebuild(
     let ev2 = ev.clone();
     let pre2 = Arc::clone(&preloaded);
     let hold = move |pid: i32| -> Result<(), String> {
+        tracing::info!(
+            pid,
+            locks_ms = t_locks.as_secs_f64() * 1e3,
+            ready_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "rebuilt, held until the commit"
+        );
         let ready = pb::ReceiveEvent {
             event: Some(receive_event::Event::Ready(pb::ReceiveReady {
                 pid: u32::try_from(pid).unwrap_or(0),

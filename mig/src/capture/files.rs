@@ -11,7 +11,6 @@ use std::os::unix::fs::MetadataExt;
 use migfs_proto::image::{Fd, FdKind, FileLock, FileRef, LockKind, MigfsRef};
 use nix::unistd::Pid;
 
-use super::remote::Remote;
 use crate::check::{self, MIGFS_FSTYPE, Movable};
 use crate::error::CaptureError;
 use crate::sys::procfs::{self, Mount};
@@ -150,10 +149,10 @@ pub fn hash_file(path: &str, size: u64) -> std::io::Result<Vec<u8>> {
     Ok(h.finalize().as_bytes().to_vec())
 }
 
-/// Every descriptor and the locks held through them. Files on migfs open
-/// for writing are fsync'd through the process's own descriptor, so the
-/// data is published before the image is.
-pub fn fds(ctx: &mut FileCtx, remote: &Remote) -> Result<(Vec<Fd>, Vec<FileLock>), CaptureError> {
+/// Every descriptor and the locks held through them. Each file on migfs
+/// is reopened (for its locks) and closed, which publishes what the
+/// process wrote to it before the image is written.
+pub fn fds(ctx: &mut FileCtx) -> Result<(Vec<Fd>, Vec<FileLock>), CaptureError> {
     let pid = ctx.pid;
     let p = pid.as_raw();
     let io = |what: String| {
@@ -183,26 +182,12 @@ pub fn fds(ctx: &mut FileCtx, remote: &Remote) -> Result<(Vec<Fd>, Vec<FileLock>
         let file = ctx.file_ref(&proc_path, &link, kind == Movable::Regular && dup_of < 0)?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let flags = info.flags & !(libc::O_CLOEXEC as u32);
-        if migfs
-            && kind == Movable::Regular
-            && flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32
-        {
-            let (ret, _) = remote.call(
-                pid,
-                libc::SYS_fsync,
-                |_| [u64::try_from(fd).unwrap_or(0), 0, 0, 0, 0, 0],
-                &[],
-                0,
-            )?;
-            ret.map_err(|errno| CaptureError::Sys {
-                pid: p,
-                what: format!("fd {fd}: fsync {link}"),
-                errno,
-            })?;
-        }
         let mut lines = info.locks.clone();
         if migfs && kind == Movable::Regular && !probed.contains(&(meta.dev(), meta.ino())) {
-            // migfs keeps fcntl locks in its servers: /proc does not list them.
+            // migfs keeps fcntl locks in its servers: /proc does not list
+            // them. Closing this reopened descriptor also publishes what
+            // the process wrote (close-to-open), so a restore elsewhere
+            // reads it.
             probed.push((meta.dev(), meta.ino()));
             let f =
                 std::fs::File::open(&proc_path).map_err(io(format!("fd {fd}: reopen {link}")))?;

@@ -94,7 +94,7 @@ pub fn capture(
         .collect::<Result<Vec<_>, _>>()?;
     let sigactions = signals::sigactions(pid, &remote)?;
     let shared_pending = signals::shared_pending(pid)?;
-    let (fds, locks) = files::fds(&mut ctx, &remote)?;
+    let (fds, locks) = files::fds(&mut ctx)?;
     let (cwd, exe) = files::cwd_and_exe(&mut ctx)?;
     let process = process::process(pid, cwd, exe)?;
     let mut pages = PagesWriter::create(dir)?;

@@ -151,17 +151,22 @@ pub fn rebuild<T: Target>(
     ours: &Creds,
     extras: &mut Extras,
 ) -> Result<RebuildStats, RestoreError> {
+    let mut steps = Steps::new();
     check_cpu(t, img)?;
     mm::place_vdso(t, img)?;
+    steps.mark("vdso");
     let t0 = Instant::now();
     mm::map_memory(t, img, r)?;
+    steps.mark("map");
     let bytes = mm::write_memory(t, img, pages)?;
+    steps.mark("write");
     // The kernel may touch lazy memory in any later step: handle faults now.
     let lazy = match extras.lazy.take() {
         Some(cfg) => Some(crate::pages::lazy::start(t, img, cfg)?),
         None => None,
     };
-    let res = rest(t, img, r, opts, ours, extras, t0);
+    steps.mark("lazy");
+    let res = rest(t, img, r, opts, ours, extras, t0, &mut steps);
     match res {
         Ok(memory) => Ok(RebuildStats {
             bytes,
@@ -189,21 +194,58 @@ fn rest<T: Target>(
     ours: &Creds,
     extras: &mut Extras,
     t0: Instant,
+    steps: &mut Steps,
 ) -> Result<Duration, RestoreError> {
     mm::seal_memory(t, img)?;
     let memory = t0.elapsed();
+    steps.mark("seal");
     mm::mm_fields(t, img, r)?;
+    steps.mark("mm fields");
     files::open_fds(t, img, r)?;
     files::take_locks(t, img, r)?;
+    steps.mark("files");
     state::sigactions(t, img)?;
     let tids = state::threads(t, img, opts.require_pid)?;
+    steps.mark("threads");
     state::process_state(t, img)?;
     state::credentials(t, img, ours)?;
+    steps.mark("state");
+    tracing::debug!(steps = %steps, "rebuilt");
     if let Some(hold) = extras.before_resume.take() {
         hold(t.pid()).map_err(|why| refused(Step::Resume, why))?;
     }
     state::resume(t, img, &tids)?;
     Ok(memory)
+}
+
+/// Durations of the rebuild steps, for the log.
+struct Steps {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn new() -> Steps {
+        Steps {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (name, d) in &self.done {
+            write!(f, "{name} {:.1} ms; ", d.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }
 
 /// An image whose lazy memory is not in it cannot be restored without a
