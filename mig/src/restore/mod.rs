@@ -155,7 +155,6 @@ pub fn rebuild<T: Target>(
     check_cpu(t, img)?;
     mm::place_vdso(t, img)?;
     steps.mark("vdso");
-    let t0 = Instant::now();
     mm::map_memory(t, img, r)?;
     steps.mark("map");
     let bytes = mm::write_memory(t, img, pages)?;
@@ -166,7 +165,7 @@ pub fn rebuild<T: Target>(
         None => None,
     };
     steps.mark("lazy");
-    let res = rest(t, img, r, opts, ours, extras, t0, &mut steps);
+    let res = rest(t, img, r, opts, ours, extras, &mut steps);
     match res {
         Ok(memory) => Ok(RebuildStats {
             bytes,
@@ -193,11 +192,10 @@ fn rest<T: Target>(
     opts: &RestoreOptions,
     ours: &Creds,
     extras: &mut Extras,
-    t0: Instant,
     steps: &mut Steps,
 ) -> Result<Duration, RestoreError> {
     mm::seal_memory(t, img)?;
-    let memory = t0.elapsed();
+    let memory = steps.since("vdso");
     steps.mark("seal");
     mm::mm_fields(t, img, r)?;
     steps.mark("mm fields");
@@ -230,6 +228,19 @@ impl Steps {
             last: Instant::now(),
             done: Vec::new(),
         }
+    }
+
+    /// Time since the end of step `after`.
+    fn since(&self, after: &str) -> Duration {
+        let mut sum = Duration::ZERO;
+        let mut counting = false;
+        for (name, d) in &self.done {
+            if counting {
+                sum += *d;
+            }
+            counting |= *name == after;
+        }
+        sum + self.last.elapsed()
     }
 
     fn mark(&mut self, name: &'static str) {
