@@ -38,6 +38,12 @@ pub enum Movable {
 /// Every resource of `pid` that stops a move, one line each (empty: the
 /// process can be moved).
 pub fn check(pid: Pid) -> Result<Vec<String>, FreezeError> {
+    check_allowing(pid, &[])
+}
+
+/// [`check`], where the pipes with inode numbers in `relay_pipes` (a
+/// migration agent's stdin relay) do not stop the move.
+pub fn check_allowing(pid: Pid, relay_pipes: &[u64]) -> Result<Vec<String>, FreezeError> {
     let p = pid.as_raw();
     let inspect = |what: &str| {
         let what = what.to_owned();
@@ -61,7 +67,7 @@ pub fn check(pid: Pid) -> Result<Vec<String>, FreezeError> {
     }
     threads(pid, &mut out).map_err(inspect("threads"))?;
     let mounts = procfs::mountinfo(pid).map_err(inspect("mountinfo"))?;
-    fds(pid, &mounts, &mut out).map_err(inspect("descriptors"))?;
+    fds(pid, &mounts, relay_pipes, &mut out).map_err(inspect("descriptors"))?;
     mappings(pid, &mounts, &mut out).map_err(inspect("maps"))?;
     Ok(out)
 }
@@ -123,7 +129,12 @@ fn threads(pid: Pid, out: &mut Vec<String>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn fds(pid: Pid, mounts: &[Mount], out: &mut Vec<String>) -> std::io::Result<()> {
+fn fds(
+    pid: Pid,
+    mounts: &[Mount],
+    relay_pipes: &[u64],
+    out: &mut Vec<String>,
+) -> std::io::Result<()> {
     for fd in procfs::numeric_dir(&format!("/proc/{pid}/fd"))? {
         let Ok(link) = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) else {
             continue;
@@ -133,6 +144,9 @@ fn fds(pid: Pid, mounts: &[Mount], out: &mut Vec<String>) -> std::io::Result<()>
             out.push(format!("fd {fd}: {link} cannot be inspected"));
             continue;
         };
+        if meta.file_type().is_fifo() && relay_pipes.contains(&meta.ino()) {
+            continue;
+        }
         let mnt = procfs::fdinfo(pid, fd).map(|i| i.mnt_id).unwrap_or(0);
         if let Err(why) = classify_fd(pid, &link, &meta, on_migfs(mounts, mnt)) {
             out.push(format!("fd {fd}: {why}"));

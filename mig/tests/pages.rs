@@ -367,7 +367,7 @@ impl Lazy {
         let t = Instant::now();
         let extras = Extras {
             lazy: Some(LazyConfig { fetch, preload }),
-            before_resume: None,
+            ..Extras::default()
         };
         let mut r = restore::restore_with(
             &self.dir.path().join("img"),

@@ -512,3 +512,58 @@ fn run_relays_output_and_exit_status_across_a_move() {
         output_text(&o)
     );
 }
+
+/// `migfs run` feeds the task's stdin from the caller wherever the task
+/// runs: lines written before (still unread in the pipe at the move),
+/// during and after a move all arrive once, in order; end-of-file then
+/// ends the task with its status.
+#[test]
+fn run_relays_stdin_across_a_move() {
+    use std::io::Write;
+    let Some(c) = cluster() else { return };
+    // It starts reading only after the move: the first lines wait in the
+    // pipe and must travel with the process.
+    let script = "import sys, time\ntime.sleep(2)\nfor l in sys.stdin:\n    print('got', l.strip(), flush=True)\nraise SystemExit(5)";
+    let mut child = c
+        .command()
+        .args(["exec", "n1", "--"])
+        .arg(migfs_bin())
+        .args(["run", "--", "python3", "-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let mut task = None;
+    assert!(within(10_000, || {
+        task = ps(&c, "n2")
+            .into_iter()
+            .find(|t| {
+                t["cmd"].as_str().is_some_and(|s| s.starts_with("python3"))
+                    && t["state"] == "running"
+            })
+            .and_then(|t| t["task"].as_u64());
+        task.is_some()
+    }));
+    let writer = std::thread::spawn(move || {
+        for i in 0..60 {
+            writeln!(input, "{i}").unwrap();
+            input.flush().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Dropping it is the end of input.
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let r = move_json(&c, "n2", &format!("t{}", task.unwrap()), "n2", &[]);
+    assert_eq!(r["from"], "n1");
+    writer.join().unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", output_text(&o));
+    let want: Vec<String> = (0..60).map(|i| format!("got {i}")).collect();
+    let got: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(got, want, "relayed stdin; {}", output_text(&o));
+}

@@ -19,6 +19,7 @@ pub mod load;
 mod precopy;
 mod run;
 mod source;
+mod stdin;
 mod target;
 mod view;
 
@@ -63,6 +64,9 @@ pub enum AgentError {
         /// What went wrong.
         cause: String,
     },
+    /// Not now: try again shortly (a task's stdin while it moves).
+    #[error("{0}")]
+    Busy(String),
     /// A call to the metadata server or another agent failed.
     #[error("{what}: {status}")]
     Rpc {
@@ -94,6 +98,7 @@ impl From<AgentError> for Status {
         match e {
             AgentError::Invalid(m) => Status::invalid_argument(m),
             AgentError::Denied(m) => Status::permission_denied(m),
+            AgentError::Busy(m) => Status::unavailable(m),
             other => Status::failed_precondition(other.to_string()),
         }
     }
@@ -133,6 +138,8 @@ pub(crate) struct Inner {
     pub(crate) sources: Mutex<HashMap<u64, Arc<source::Serving>>>,
     /// Memory pre-copied to this node, by move id, until its Receive.
     pub(crate) precopies: Mutex<HashMap<u64, Arc<precopy::Store>>>,
+    /// Stdin relays of the tasks running here, by task id.
+    pub(crate) stdins: Arc<stdin::Relays>,
     next_move: AtomicU64,
 }
 
@@ -217,6 +224,7 @@ impl Agent {
                 rt: tokio::runtime::Handle::current(),
                 sources: Mutex::new(HashMap::new()),
                 precopies: Mutex::new(HashMap::new()),
+                stdins: Arc::default(),
                 next_move: AtomicU64::new(1),
             }),
         };
@@ -320,6 +328,18 @@ impl AgentRpc for AgentService {
         let r = req.into_inner();
         let cred = cred.unwrap_or((r.uid, r.gid));
         Ok(Response::new(run::start(&self.inner, r, cred).await?))
+    }
+
+    async fn stdin(
+        &self,
+        req: Request<pb::StdinRequest>,
+    ) -> Result<Response<pb::StdinReply>, Status> {
+        let cred = local_cred(&req);
+        let mut r = req.into_inner();
+        if let Some((uid, _)) = cred {
+            r.caller_uid = uid;
+        }
+        Ok(Response::new(stdin::stdin(&self.inner, r).await?))
     }
 
     async fn tasks(

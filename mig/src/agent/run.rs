@@ -14,7 +14,7 @@ use migfs_proto::meta::{
 use super::{AgentError, Inner};
 
 /// Starts `r.argv` here as the caller (`cred`: uid, gid), with stdin on
-/// /dev/null and stdout/stderr appended to the named files (on the global
+/// /dev/null or a relay pipe (`r.stdin`) and stdout/stderr appended to the named files (on the global
 /// filesystem, so they follow the task), in a session of its own.
 pub async fn start(
     inner: &Inner,
@@ -59,10 +59,17 @@ pub async fn start(
         .iter()
         .map(|a| OsString::from_vec(a.clone()))
         .collect();
+    let (stdin, relay) = if r.stdin {
+        let (rd, wr) = crate::sys::pipe::relay_pipe()
+            .map_err(|e| AgentError::Invalid(format!("stdin pipe: {e}")))?;
+        (Stdio::from(rd), Some(super::stdin::Relay::new(wr)?))
+    } else {
+        (Stdio::null(), None)
+    };
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(out(&r.stdout, "stdout")?)
         .stderr(out(&r.stderr, "stderr")?)
         .uid(r.uid)
@@ -102,6 +109,12 @@ pub async fn start(
         .await
         .map_err(|s| AgentError::rpc("create the task", &s))?
         .into_inner();
+    if let Some(relay) = relay {
+        inner
+            .stdins
+            .lock()
+            .insert(task.task_id, std::sync::Arc::new(relay));
+    }
     watch_exit(inner, task.task_id, i32::try_from(pid).unwrap_or(0));
     tracing::info!(task = task.task_id, pid, cmd = %task.cmd, "task started");
     Ok(pb::RunReply {
@@ -120,6 +133,7 @@ pub fn watch_exit(inner: &Inner, task: u64, pid: i32) {
         }
     };
     let (meta, rt, node_id) = (inner.meta.clone(), inner.rt.clone(), inner.cfg.node_id);
+    let stdins = std::sync::Arc::clone(&inner.stdins);
     let spawned = std::thread::Builder::new()
         .name(format!("reap-{pid}"))
         .spawn(move || {
@@ -132,6 +146,7 @@ pub fn watch_exit(inner: &Inner, task: u64, pid: i32) {
                 }
             };
             tracing::info!(task, pid, code, "task process ended");
+            stdins.lock().remove(&task);
             if task == 0 {
                 return;
             }

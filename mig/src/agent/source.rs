@@ -167,6 +167,8 @@ pub async fn start(
         t0: Instant::now(),
         phases: Vec::new(),
         move_id: 0,
+        relay: None,
+        stdin_pending: Vec::new(),
     };
     std::thread::Builder::new()
         .name("migfs-move".into())
@@ -210,7 +212,7 @@ async fn local_task(inner: &Inner, pid: u32) -> Result<TaskInfo, AgentError> {
 }
 
 /// Only root and the process's owner may move it.
-fn check_owner(pid: i32, uid: u32) -> Result<(), AgentError> {
+pub(crate) fn check_owner(pid: i32, uid: u32) -> Result<(), AgentError> {
     if uid == 0 {
         return Ok(());
     }
@@ -263,6 +265,10 @@ struct Move {
     t0: Instant,
     phases: Vec<pb::Phase>,
     move_id: u64,
+    /// The task's stdin relay here, if it has one (paused while moving).
+    relay: Option<Arc<super::stdin::Relay>>,
+    /// What the process had not read from its stdin pipe at the freeze.
+    stdin_pending: Vec<u8>,
 }
 
 /// What happened on the target, for the report.
@@ -296,8 +302,10 @@ impl Move {
             "prepare: task {} (pid {}) {} -> {}",
             self.task.task_id, self.pid, self.inner.cfg.name, self.target.name
         ));
-        let blockers =
-            crate::check::check(self.pid).map_err(|e| AgentError::phase("prepare", e))?;
+        self.relay = self.inner.stdins.lock().get(&self.task.task_id).cloned();
+        let relay_pipes: Vec<u64> = self.relay.iter().map(|r| r.ino).collect();
+        let blockers = crate::check::check_allowing(self.pid, &relay_pipes)
+            .map_err(|e| AgentError::phase("prepare", e))?;
         if !blockers.is_empty() {
             return Err(AgentError::phase(
                 "prepare",
@@ -377,18 +385,46 @@ impl Move {
         };
 
         self.progress("freeze");
+        if let Some(r) = &self.relay {
+            r.pause();
+        }
         let t_freeze = Instant::now();
         let frozen = freeze::freeze(self.pid, Duration::from_secs(10)).map_err(|e| {
             precopy::abort(&self.inner, &client, self.move_id);
+            if let Some(r) = &self.relay {
+                r.resume(&[]);
+            }
             AgentError::phase("freeze", e)
         })?;
         self.phase_done("freeze", t_freeze);
+        if let Some(r) = &self.relay
+            && let Some(&fd) = super::stdin::fds_of(self.pid, r).first()
+        {
+            match super::stdin::drain(self.pid, fd) {
+                Ok(p) => {
+                    tracing::info!(
+                        task = self.task.task_id,
+                        bytes = p.len(),
+                        "unread stdin travels with the process"
+                    );
+                    self.stdin_pending = p;
+                }
+                Err(e) => {
+                    precopy::abort(&self.inner, &client, self.move_id);
+                    r.resume(&[]);
+                    crate::checkpoint::thaw(frozen);
+                    return Err(e);
+                }
+            }
+        }
         let dir = self.inner.cfg.work.join(format!("out-{}", self.move_id));
         let precopied = rounds.is_some();
         let res = self.frozen(&frozen, files, &dir, &mut client, t_freeze, rounds);
         let _ = std::fs::remove_dir_all(&dir);
         match res {
             Ok((mut report, ready, drained_rx)) => {
+                // The target feeds its stdin now.
+                self.inner.stdins.lock().remove(&self.task.task_id);
                 // Committed: the original only serves pages now; after a
                 // complete pre-copy, not even that.
                 let t_drain = Instant::now();
@@ -439,6 +475,9 @@ impl Move {
                 if precopied {
                     precopy::abort(&self.inner, &client, self.move_id);
                 }
+                if let Some(r) = &self.relay {
+                    r.resume(&self.stdin_pending);
+                }
                 crate::checkpoint::thaw(frozen);
                 Err(e)
             }
@@ -467,6 +506,7 @@ impl Move {
         std::fs::create_dir_all(dir).map_err(|e| AgentError::phase("capture", e))?;
         let opts = CaptureOptions {
             lazy_anon: true,
+            relay_pipes: self.relay.iter().map(|r| r.ino).collect(),
             ..CaptureOptions::default()
         };
         let stats = capture::capture(frozen, dir, &opts, Some(files))
@@ -524,6 +564,8 @@ impl Move {
                 .iter()
                 .map(|&(start, end)| pb::PageRange { start, end })
                 .collect(),
+            stdin_relay: self.relay.is_some(),
+            stdin_pending: self.stdin_pending.clone(),
         };
         let send = |m: receive_msg::Msg| {
             msg_tx

@@ -4,6 +4,7 @@
 //! source's page server), hold it until the source commits, let it run,
 //! then pull every remaining page and tell the source it may let go.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -383,9 +384,23 @@ fn rebuild(
             .recv()
             .unwrap_or_else(|_| Err("the source went away".into()))
     };
+    // A new stdin relay pipe: the process opens its read end through
+    // /proc; this agent keeps the write end.
+    let pipe = match b.stdin_relay.then(crate::sys::pipe::relay_pipe).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            give_back(&inner, session, to_pid, held);
+            send(failed("stdin", format!("stdin pipe: {e}")));
+            let _ = std::fs::remove_dir_all(&inc.dir);
+            return;
+        }
+    };
     let extras = Extras {
         lazy: Some(lazy),
         before_resume: Some(Box::new(hold)),
+        relay_stdin: pipe
+            .as_ref()
+            .map(|(r, _)| format!("/proc/{}/fd/{}", std::process::id(), r.as_raw_fd())),
     };
     let res = crate::restore::restore_with(&inc.dir, &RestoreOptions::default(), extras);
     let _ = std::fs::remove_dir_all(&inc.dir);
@@ -402,6 +417,18 @@ fn rebuild(
             u32::try_from(restored.pid).unwrap_or(0),
         )),
     });
+    if let Some((r, w)) = pipe {
+        drop(r);
+        match super::stdin::Relay::new(w) {
+            Ok(relay) => {
+                relay.resume(&b.stdin_pending);
+                inner.stdins.lock().insert(b.task_id, Arc::new(relay));
+            }
+            Err(e) => {
+                tracing::error!(task = b.task_id, error = %e, "the task's stdin relay is lost")
+            }
+        }
+    }
     super::run::watch_exit(&inner, b.task_id, restored.pid);
     // What the source still has to send after the resume: everything
     // (lazy), nothing (eager: preloaded; complete pre-copy), or the

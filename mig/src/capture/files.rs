@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use migfs_proto::image::{Fd, FdKind, FileLock, FileRef, LockKind, MigfsRef};
 use nix::unistd::Pid;
@@ -152,7 +152,10 @@ pub fn hash_file(path: &str, size: u64) -> std::io::Result<Vec<u8>> {
 /// Every descriptor and the locks held through them. Each file on migfs
 /// is reopened (for its locks) and closed, which publishes what the
 /// process wrote to it before the image is written.
-pub fn fds(ctx: &mut FileCtx) -> Result<(Vec<Fd>, Vec<FileLock>), CaptureError> {
+pub fn fds(
+    ctx: &mut FileCtx,
+    relay_pipes: &[u64],
+) -> Result<(Vec<Fd>, Vec<FileLock>), CaptureError> {
     let pid = ctx.pid;
     let p = pid.as_raw();
     let io = |what: String| {
@@ -172,6 +175,18 @@ pub fn fds(ctx: &mut FileCtx) -> Result<(Vec<Fd>, Vec<FileLock>), CaptureError> 
         let link = link.to_string_lossy().into_owned();
         let meta = std::fs::metadata(&proc_path).map_err(io(format!("fd {fd}: stat {link}")))?;
         let info = procfs::fdinfo(pid, fd).map_err(io(format!("fd {fd}: fdinfo")))?;
+        if meta.file_type().is_fifo() && relay_pipes.contains(&meta.ino()) {
+            out.push(Fd {
+                fd,
+                kind: FdKind::FdRelayPipe as i32,
+                flags: info.flags & !(libc::O_CLOEXEC as u32),
+                cloexec: info.flags & libc::O_CLOEXEC as u32 != 0,
+                pos: 0,
+                file: None,
+                dup_of: -1,
+            });
+            continue;
+        }
         let migfs = check::on_migfs(&ctx.mounts, info.mnt_id).is_some();
         let kind = check::classify_fd(pid, &link, &meta, check::on_migfs(&ctx.mounts, info.mnt_id))
             .map_err(|why| CaptureError::Unsupported {

@@ -34,6 +34,9 @@ pub struct CaptureOptions {
     /// Leave private anonymous memory out of the image (marked `lazy`):
     /// a migration sends it from the frozen original afterwards.
     pub lazy_anon: bool,
+    /// Inode numbers of pipes a migration agent feeds (a task's stdin
+    /// relay): their read ends are recorded as relay pipes, not refused.
+    pub relay_pipes: Vec<u64>,
 }
 
 impl Default for CaptureOptions {
@@ -41,6 +44,7 @@ impl Default for CaptureOptions {
         CaptureOptions {
             hash_limit: 64 << 20,
             lazy_anon: false,
+            relay_pipes: Vec::new(),
         }
     }
 }
@@ -70,7 +74,7 @@ pub fn capture(
     let t0 = Instant::now();
     let pid = frozen.pid();
     let p = pid.as_raw();
-    let blockers = crate::check::check(pid)?;
+    let blockers = crate::check::check_allowing(pid, &opts.relay_pipes)?;
     if !blockers.is_empty() {
         return Err(FreezeError::Refused { pid: p, blockers }.into());
     }
@@ -94,7 +98,7 @@ pub fn capture(
         .collect::<Result<Vec<_>, _>>()?;
     let sigactions = signals::sigactions(pid, &remote)?;
     let shared_pending = signals::shared_pending(pid)?;
-    let (fds, locks) = files::fds(&mut ctx)?;
+    let (fds, locks) = files::fds(&mut ctx, &opts.relay_pipes)?;
     let (cwd, exe) = files::cwd_and_exe(&mut ctx)?;
     let process = process::process(pid, cwd, exe)?;
     let mut pages = PagesWriter::create(dir)?;

@@ -272,6 +272,12 @@ fn validate_files(img: &Image) -> Result<(), String> {
                 f.fd, f.dup_of
             ));
         }
+        if f.kind == migfs_proto::image::FdKind::FdRelayPipe as i32 {
+            if f.file.is_some() || f.dup_of >= 0 {
+                return Err(format!("fd {}: a relay pipe names no file", f.fd));
+            }
+            continue;
+        }
         let file = f
             .file
             .as_ref()

@@ -160,7 +160,12 @@ pub fn cause(what: String, e: CallError) -> RestoreCause {
 
 /// Reopens every descriptor with its number, flags, offset and
 /// close-on-exec, then the working directory ("open files" step).
-pub fn open_fds<T: Target>(t: &mut T, img: &Image, r: &Resolved) -> Result<(), RestoreError> {
+pub fn open_fds<T: Target>(
+    t: &mut T,
+    img: &Image,
+    r: &Resolved,
+    relay: Option<&str>,
+) -> Result<(), RestoreError> {
     let step = Step::OpenFiles;
     t.call(0, &Call::CloseRange { first: 0 })
         .map_err(sys(step, "close the stub's descriptors".into()))?;
@@ -178,10 +183,24 @@ pub fn open_fds<T: Target>(t: &mut T, img: &Image, r: &Resolved) -> Result<(), R
             .map_err(sys(step, format!("fd {n}: dup3")))?;
             continue;
         }
-        let Some(file) = &fd.file else { continue };
-        let path = r.path(file);
-        let mut flags =
-            fd.flags & !((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY) as u32);
+        let relayed = fd.kind == FdKind::FdRelayPipe as i32;
+        let path = match (&fd.file, relayed) {
+            (_, true) => relay.ok_or_else(|| {
+                RestoreError::new(
+                    step,
+                    RestoreCause::Refused(format!(
+                        "fd {n} is a migration agent's stdin pipe; only a move restores it"
+                    )),
+                )
+            })?,
+            (Some(file), false) => r.path(file),
+            (None, false) => continue,
+        };
+        let mut flags = if relayed {
+            libc::O_RDONLY as u32
+        } else {
+            fd.flags & !((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY) as u32)
+        };
         if fd.cloexec {
             flags |= libc::O_CLOEXEC as u32;
         }
@@ -202,7 +221,7 @@ pub fn open_fds<T: Target>(t: &mut T, img: &Image, r: &Resolved) -> Result<(), R
             t.call(0, &Call::Close { fd: got })
                 .map_err(sys(step, format!("fd {n}: close {got}")))?;
         }
-        if fd.kind != FdKind::FdCharDevice as i32 && fd.pos != 0 {
+        if !relayed && fd.kind != FdKind::FdCharDevice as i32 && fd.pos != 0 {
             t.call(
                 0,
                 &Call::Lseek {

@@ -49,6 +49,10 @@ pub struct Extras {
     pub lazy: Option<crate::pages::LazyConfig>,
     /// Hold the rebuilt process until this says go.
     pub before_resume: Option<BeforeResume>,
+    /// A path the process opens (read-only) for its relay-pipe
+    /// descriptors: the read end of a new stdin relay pipe
+    /// (`/proc/<restorer>/fd/<n>`).
+    pub relay_stdin: Option<String>,
 }
 
 /// A restored process, running.
@@ -199,7 +203,7 @@ fn rest<T: Target>(
     steps.mark("seal");
     mm::mm_fields(t, img, r)?;
     steps.mark("mm fields");
-    files::open_fds(t, img, r)?;
+    files::open_fds(t, img, r, extras.relay_stdin.as_deref())?;
     files::take_locks(t, img, r)?;
     steps.mark("files");
     state::sigactions(t, img)?;

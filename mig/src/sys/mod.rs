@@ -10,6 +10,7 @@ pub mod clone3;
 pub mod inject;
 pub mod mem;
 pub mod pagemap;
+pub mod pipe;
 pub mod procfs;
 pub mod ptrace;
 pub mod reap;

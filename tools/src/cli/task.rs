@@ -319,6 +319,7 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<ExitCode> {
         gid: nix::unistd::getegid().as_raw(),
         home_node: 0,
         node: a.node.clone().unwrap_or_default(),
+        stdin: !a.detach,
     };
     let rt = runtime()?;
     let mut c = rt.block_on(connect(&node.socket))?;
@@ -330,6 +331,12 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<ExitCode> {
         println!("t{} {}", started.task_id, started.pid);
         return Ok(ExitCode::SUCCESS);
     }
+    let (socket, task) = (node.socket.clone(), started.task_id);
+    std::thread::spawn(move || {
+        if let Err(e) = feed_stdin(&socket, task) {
+            tracing::warn!(error = %e, "stdin relay ended");
+        }
+    });
     let mut relay = [Relay::new(&out, false), Relay::new(&err, true)];
     let code = loop {
         for r in &mut relay {
@@ -355,6 +362,45 @@ pub fn run_run(a: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(
         u8::try_from(code.clamp(0, 255)).unwrap_or(1),
     ))
+}
+
+/// Sends our stdin to task `task`, wherever it runs, until end-of-file
+/// (which the task then reads) or until the task is gone. Input waits
+/// while the task moves or its pipe is full.
+fn feed_stdin(socket: &Path, task: u64) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let mut c = rt.block_on(connect(socket))?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut input = std::io::stdin().lock();
+    loop {
+        let n = input.read(&mut buf)?;
+        let mut data = &buf[..n];
+        loop {
+            let req = pb::StdinRequest {
+                task_id: task,
+                data: data.to_vec(),
+                eof: n == 0,
+                caller_uid: 0,
+            };
+            match rt.block_on(c.stdin(req)) {
+                Ok(r) => {
+                    let taken = usize::try_from(r.into_inner().taken)?.min(data.len());
+                    data = &data[taken..];
+                    if data.is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(s) => anyhow::bail!("{}", s.message()),
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+    }
 }
 
 /// Copies what a task appended to one of its output files to ours. The
