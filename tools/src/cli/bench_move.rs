@@ -109,6 +109,8 @@ struct Row {
     residual_ms: f64,
     rounds: u64,
     floor_ms: f64,
+    /// The report's phases, "name ms" each.
+    phases: String,
 }
 
 pub fn run(a: MoveArgs) -> anyhow::Result<ExitCode> {
@@ -260,6 +262,15 @@ fn one(
                 residual_ms: f("residual_ms"),
                 rounds: u("precopy_rounds"),
                 floor_ms: 0.0,
+                phases: report["phases_ms"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k} {:.1}", v.as_f64().unwrap_or(0.0)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default(),
             },
             before.zip(after),
         ))
@@ -345,6 +356,10 @@ fn print(rows: &[Row], readall: Option<(f64, f64)>, a: &MoveArgs) {
             r.floor_ms,
             r.total_ms / r.floor_ms.max(1e-9)
         );
+    }
+    println!("phases (ms):");
+    for r in rows {
+        println!("  {:>5} MiB {:>13}: {}", r.mib, r.mode, r.phases);
     }
     if let Some((before, after)) = readall {
         println!(
