@@ -474,30 +474,10 @@ fn run_relays_output_and_exit_status_across_a_move() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("oops"));
     // A task that prints for a while; moved mid-way by task id from n2.
     let script = "import time\nfor i in range(60):\n    print(i, flush=True)\n    time.sleep(0.05)\nraise SystemExit(7)";
-    let bin = migfs_bin();
-    let child = c
-        .command()
-        .args(["exec", "n1", "--"])
-        .arg(&bin)
-        .args(["run", "--", "python3", "-c", script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut task = None;
-    assert!(within(10_000, || {
-        task = ps(&c, "n2")
-            .into_iter()
-            .find(|t| {
-                t["cmd"].as_str().is_some_and(|s| s.starts_with("python3"))
-                    && t["state"] == "running"
-            })
-            .and_then(|t| t["task"].as_u64());
-        task.is_some()
-    }));
+    let (child, task) = run_python_on_n1(&c, script, std::process::Stdio::null());
     std::thread::sleep(std::time::Duration::from_millis(500));
     // Asked on n2 by task id; n1's agent does the move.
-    let r = move_json(&c, "n2", &format!("t{}", task.unwrap()), "n2", &[]);
+    let r = move_json(&c, "n2", &format!("t{task}"), "n2", &[]);
     assert_eq!(r["from"], "n1");
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(7), "{}", output_text(&o));
@@ -524,28 +504,8 @@ fn run_relays_stdin_across_a_move() {
     // It starts reading only after the move: the first lines wait in the
     // pipe and must travel with the process.
     let script = "import sys, time\ntime.sleep(2)\nfor l in sys.stdin:\n    print('got', l.strip(), flush=True)\nraise SystemExit(5)";
-    let mut child = c
-        .command()
-        .args(["exec", "n1", "--"])
-        .arg(migfs_bin())
-        .args(["run", "--", "python3", "-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, task) = run_python_on_n1(&c, script, std::process::Stdio::piped());
     let mut input = child.stdin.take().unwrap();
-    let mut task = None;
-    assert!(within(10_000, || {
-        task = ps(&c, "n2")
-            .into_iter()
-            .find(|t| {
-                t["cmd"].as_str().is_some_and(|s| s.starts_with("python3"))
-                    && t["state"] == "running"
-            })
-            .and_then(|t| t["task"].as_u64());
-        task.is_some()
-    }));
     let writer = std::thread::spawn(move || {
         for i in 0..60 {
             writeln!(input, "{i}").unwrap();
@@ -555,7 +515,7 @@ fn run_relays_stdin_across_a_move() {
         // Dropping it is the end of input.
     });
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let r = move_json(&c, "n2", &format!("t{}", task.unwrap()), "n2", &[]);
+    let r = move_json(&c, "n2", &format!("t{task}"), "n2", &[]);
     assert_eq!(r["from"], "n1");
     writer.join().unwrap();
     let o = child.wait_with_output().unwrap();
@@ -566,4 +526,35 @@ fn run_relays_stdin_across_a_move() {
         .map(str::to_owned)
         .collect();
     assert_eq!(got, want, "relayed stdin; {}", output_text(&o));
+}
+
+/// `migfs run -- python3 -c SCRIPT` started from n1 (its output piped
+/// back), once its task is running; returns the client and the task id.
+fn run_python_on_n1(
+    c: &Cluster,
+    script: &str,
+    stdin: std::process::Stdio,
+) -> (std::process::Child, u64) {
+    let child = c
+        .command()
+        .args(["exec", "n1", "--"])
+        .arg(migfs_bin())
+        .args(["run", "--", "python3", "-c", script])
+        .stdin(stdin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut task = None;
+    assert!(within(10_000, || {
+        task = ps(c, "n2")
+            .into_iter()
+            .find(|t| {
+                t["cmd"].as_str().is_some_and(|s| s.starts_with("python3"))
+                    && t["state"] == "running"
+            })
+            .and_then(|t| t["task"].as_u64());
+        task.is_some()
+    }));
+    (child, task.unwrap())
 }

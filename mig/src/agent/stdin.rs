@@ -98,16 +98,6 @@ impl Relay {
 /// Handles a `Stdin` call: feeds the task here, or forwards it to the
 /// node where the task runs.
 pub async fn stdin(inner: &Inner, r: pb::StdinRequest) -> Result<pb::StdinReply, AgentError> {
-    let relay = inner.stdins.lock().get(&r.task_id).cloned();
-    let Some(relay) = relay else {
-        return forward(inner, r).await;
-    };
-    if relay.moving.load(Ordering::SeqCst) {
-        return Err(AgentError::Busy(format!(
-            "task {} is moving; send its input again shortly",
-            r.task_id
-        )));
-    }
     let task = inner
         .meta
         .clone()
@@ -115,6 +105,16 @@ pub async fn stdin(inner: &Inner, r: pb::StdinRequest) -> Result<pb::StdinReply,
         .await
         .map_err(|s| AgentError::rpc(format!("task {}", r.task_id), &s))?
         .into_inner();
+    let relay = inner.stdins.lock().get(&r.task_id).cloned();
+    let Some(relay) = relay else {
+        return forward(inner, &task, r).await;
+    };
+    if relay.moving.load(Ordering::SeqCst) {
+        return Err(AgentError::Busy(format!(
+            "task {} is moving; send its input again shortly",
+            r.task_id
+        )));
+    }
     super::source::check_owner(i32::try_from(task.pid).unwrap_or(0), r.caller_uid)?;
     let taken = tokio::task::spawn_blocking(move || relay.feed(&r.data, r.eof))
         .await
@@ -124,14 +124,11 @@ pub async fn stdin(inner: &Inner, r: pb::StdinRequest) -> Result<pb::StdinReply,
     })
 }
 
-async fn forward(inner: &Inner, r: pb::StdinRequest) -> Result<pb::StdinReply, AgentError> {
-    let task = inner
-        .meta
-        .clone()
-        .task_get(TaskGetRequest { task_id: r.task_id })
-        .await
-        .map_err(|s| AgentError::rpc(format!("task {}", r.task_id), &s))?
-        .into_inner();
+async fn forward(
+    inner: &Inner,
+    task: &migfs_proto::meta::TaskInfo,
+    r: pb::StdinRequest,
+) -> Result<pb::StdinReply, AgentError> {
     if task.node_id == inner.cfg.node_id {
         return Err(AgentError::Busy(format!(
             "task {} has no stdin relay here (yet)",

@@ -212,7 +212,12 @@ fn beats(path: &Path) -> Vec<i64> {
         .collect()
 }
 
-fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+/// Polls `cond` every 5 ms for up to `secs` seconds.
+pub(crate) fn wait_for(
+    what: &str,
+    secs: u64,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(secs);
     while !cond() {
         if Instant::now() > end {

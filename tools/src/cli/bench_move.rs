@@ -14,6 +14,8 @@ use std::process::{Command, ExitCode, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+use super::bench::wait_for;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -172,17 +174,6 @@ fn lines_with(path: &Path, prefix: &str) -> Vec<f64> {
         .lines()
         .filter_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
         .collect()
-}
-
-fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        if Instant::now() > end {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }
 
 /// Starts the workload on n1, moves it to n2, measures, kills it. With
