@@ -102,6 +102,11 @@ pub fn restore_with(
         .collect();
     let old = image.process.as_ref().map_or(0, |p| p.pid);
     let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid)?;
+    tracing::debug!(
+        prepare_ms = prepare.as_secs_f64() * 1e3,
+        stub_ms = (t0.elapsed() - prepare).as_secs_f64() * 1e3,
+        "image read, files checked, stub ready"
+    );
     match rebuild(
         &mut stub,
         &image,
