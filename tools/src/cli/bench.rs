@@ -67,6 +67,10 @@ pub struct WorkloadArgs {
     /// "readall <ms>", remove the file.
     #[arg(long)]
     readall: Option<PathBuf>,
+    /// Also read all of it once right after the first stop of more than
+    /// 25 ms between two ticks (a move), appending "readall-resumed <ms>".
+    #[arg(long)]
+    readall_on_resume: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -104,9 +108,24 @@ fn workload(w: WorkloadArgs) -> anyhow::Result<ExitCode> {
     let pages = (n / 4096).max(1);
     let dirty_per_tick = w.dirty_mbs * 1_000_000 / 100 / 4096;
     let mut seed = u64::from(std::process::id()) | 1;
+    let mut last = Instant::now();
+    let mut resumed_once = !w.readall_on_resume;
+    let read_all = |mem: &[u8]| {
+        let t = Instant::now();
+        let sum = mem
+            .iter()
+            .fold(0u64, |acc, &b| acc.wrapping_add(u64::from(b)));
+        std::hint::black_box(sum);
+        t.elapsed().as_secs_f64() * 1e3
+    };
     loop {
         writeln!(out, "beat {}", base.elapsed().as_nanos())?;
         std::thread::sleep(Duration::from_millis(10));
+        if !resumed_once && last.elapsed() > Duration::from_millis(35) {
+            resumed_once = true;
+            writeln!(out, "readall-resumed {:.3}", read_all(&mem))?;
+        }
+        last = Instant::now();
         std::hint::black_box(&mem);
         mem[0] = mem[0].wrapping_add(1);
         for _ in 0..dirty_per_tick {
@@ -122,13 +141,9 @@ fn workload(w: WorkloadArgs) -> anyhow::Result<ExitCode> {
         if let Some(go) = &w.readall
             && go.exists()
         {
-            let t = Instant::now();
-            let sum = mem
-                .iter()
-                .fold(0u64, |acc, &b| acc.wrapping_add(u64::from(b)));
-            std::hint::black_box(sum);
-            writeln!(out, "readall {:.3}", t.elapsed().as_secs_f64() * 1e3)?;
+            writeln!(out, "readall {:.3}", read_all(&mem))?;
             let _ = fs::remove_file(go);
+            last = Instant::now();
         }
     }
 }

@@ -193,26 +193,27 @@ fn one(
         dirty_mbs.to_string(),
         format!("/migfs/{name}"),
     );
-    let pid = bed
-        .cluster(&[
-            "exec",
-            "--detach",
-            "n1",
-            "--",
-            &exe,
-            "bench",
-            "workload",
-            "--mib",
-            &mib_s,
-            "--out",
-            &out_s,
-            "--dirty-mbs",
-            &dirty_s,
-            "--readall",
-            &go,
-        ])?
-        .trim()
-        .to_owned();
+    let mut argv = vec![
+        "exec",
+        "--detach",
+        "n1",
+        "--",
+        &exe,
+        "bench",
+        "workload",
+        "--mib",
+        &mib_s,
+        "--out",
+        &out_s,
+        "--dirty-mbs",
+        &dirty_s,
+        "--readall",
+        &go,
+    ];
+    if readall {
+        argv.push("--readall-on-resume");
+    }
+    let pid = bed.cluster(&argv)?.trim().to_owned();
     let out = bed.path("n2", &name)?;
     let res = (|| {
         wait_for("the workload", 300, || {
@@ -227,8 +228,12 @@ fn one(
         argv.extend_from_slice(flags(mode).unwrap_or(&[]));
         let report: serde_json::Value =
             serde_json::from_str(&bed.exec("n1", &argv)?).context("the move report is not JSON")?;
+        // The program read all of its memory the moment it resumed.
         let after = if readall {
-            Some(read_all(bed, &out, "n2", &go)?)
+            wait_for("the read-all after the move", 300, || {
+                !lines_with(&out, "readall-resumed ").is_empty()
+            })?;
+            lines_with(&out, "readall-resumed ").first().copied()
         } else {
             None
         };
@@ -354,7 +359,7 @@ fn print(rows: &[Row], readall: Option<(f64, f64)>, a: &MoveArgs) {
     }
     if let Some((before, after)) = readall {
         println!(
-            "read all {} MiB: {before:.1} ms with local memory, {after:.1} ms right after a lazy move ({:.2}x)",
+            "read all {} MiB: {before:.1} ms with local memory, {after:.1} ms when it starts the moment it resumes after a lazy move ({:.2}x)",
             a.readall,
             after / before.max(1e-9)
         );
