@@ -162,7 +162,11 @@ pub async fn run(
             .max_frame_size(migfs_proto::MAX_FRAME)
             .add_routes(routes)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // Nagle off on accepted connections too (`tcp_nodelay`
+                // above only applies to listeners tonic binds itself):
+                // with it on, a reply split in two writes waited for the
+                // peer's delayed ACK, 40 ms.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async move {
                     let _ = srv_stop.changed().await;
                 },

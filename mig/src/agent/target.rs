@@ -95,10 +95,19 @@ impl PageFetch for RemotePages {
         // A faulting thread waits for this answer: never forever.
         req.set_timeout(FETCH_TIMEOUT);
         let mut c = self.client.clone();
-        self.rt
+        let t = Instant::now();
+        let res = self
+            .rt
             .block_on(c.fetch_pages(req))
             .map(|r| r.into_inner().data.to_vec())
-            .map_err(|s| format!("page server: {}", s.message()))
+            .map_err(|s| format!("page server: {}", s.message()));
+        tracing::debug!(
+            addr,
+            len,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "page fetch"
+        );
+        res
     }
 }
 
