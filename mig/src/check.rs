@@ -44,6 +44,19 @@ pub fn check(pid: Pid) -> Result<Vec<String>, FreezeError> {
 /// [`check`], where the pipes with inode numbers in `relay_pipes` (a
 /// migration agent's stdin relay) do not stop the move.
 pub fn check_allowing(pid: Pid, relay_pipes: &[u64]) -> Result<Vec<String>, FreezeError> {
+    check_with(pid, relay_pipes, None)
+}
+
+/// VmFlags of each mapping by start address (`/proc/PID/smaps`).
+pub type VmFlags = std::collections::HashMap<u64, Vec<String>>;
+
+/// [`check_allowing`] with the mappings' flags already read (reading
+/// smaps walks every page table: a capture reads it once).
+pub fn check_with(
+    pid: Pid,
+    relay_pipes: &[u64],
+    flags: Option<&VmFlags>,
+) -> Result<Vec<String>, FreezeError> {
     let p = pid.as_raw();
     let inspect = |what: &str| {
         let what = what.to_owned();
@@ -68,7 +81,7 @@ pub fn check_allowing(pid: Pid, relay_pipes: &[u64]) -> Result<Vec<String>, Free
     threads(pid, &mut out).map_err(inspect("threads"))?;
     let mounts = procfs::mountinfo(pid).map_err(inspect("mountinfo"))?;
     fds(pid, &mounts, relay_pipes, &mut out).map_err(inspect("descriptors"))?;
-    mappings(pid, &mounts, &mut out).map_err(inspect("maps"))?;
+    mappings(pid, &mounts, flags, &mut out).map_err(inspect("maps"))?;
     Ok(out)
 }
 
@@ -223,8 +236,20 @@ pub fn classify_fd(
     Err(format!("{link}: unsupported file type"))
 }
 
-fn mappings(pid: Pid, mounts: &[Mount], out: &mut Vec<String>) -> std::io::Result<()> {
-    let flags = procfs::vm_flags(pid)?;
+fn mappings(
+    pid: Pid,
+    mounts: &[Mount],
+    flags: Option<&VmFlags>,
+    out: &mut Vec<String>,
+) -> std::io::Result<()> {
+    let read;
+    let flags = match flags {
+        Some(f) => f,
+        None => {
+            read = procfs::vm_flags(pid)?;
+            &read
+        }
+    };
     for m in procfs::maps(pid)? {
         let range = format!("mapping {:x}-{:x}", m.start, m.end);
         if let Some(why) = mapping_blocker(&m, mounts) {

@@ -449,9 +449,12 @@ fn rebuild(
         Some(p) if p.stale.is_empty() => Pull::Nothing,
         Some(p) => Pull::Only(p.stale.clone()),
     };
+    // The push gets a connection of its own: on the faults' connection,
+    // a fault's reply would queue behind megabytes of pushed pages.
+    let push_client = inner.agent_at(&b.source_addr).unwrap_or(client);
     drain(
         &inner,
-        &client,
+        &push_client,
         b.move_id,
         restored.lazy,
         copied.map(|p| p.store),

@@ -40,6 +40,7 @@ pub fn capture_mm(
     remote: &Remote,
     pages: &mut PagesWriter,
     lazy_anon: bool,
+    flags: &crate::check::VmFlags,
 ) -> Result<(MemoryMap, MemStats), MigError> {
     let p = pid.as_raw();
     let io = |what: &str| {
@@ -50,7 +51,6 @@ pub fn capture_mm(
             source,
         }
     };
-    let flags = procfs::vm_flags(pid).map_err(io("smaps"))?;
     let mut vmas = Vec::new();
     for m in maps.iter().filter(|m| m.path != "[vsyscall]") {
         let mut v = vma(pid, m, ctx)?;

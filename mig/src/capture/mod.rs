@@ -74,10 +74,16 @@ pub fn capture(
     let t0 = Instant::now();
     let pid = frozen.pid();
     let p = pid.as_raw();
-    let blockers = crate::check::check_allowing(pid, &opts.relay_pipes)?;
+    let flags = procfs::vm_flags(pid).map_err(|source| crate::error::CaptureError::Io {
+        pid: p,
+        what: "smaps".into(),
+        source,
+    })?;
+    let blockers = crate::check::check_with(pid, &opts.relay_pipes, Some(&flags))?;
     if !blockers.is_empty() {
         return Err(FreezeError::Refused { pid: p, blockers }.into());
     }
+    let t_check = t0.elapsed();
     let io = |what: &'static str| {
         move |source| crate::error::CaptureError::Io {
             pid: p,
@@ -98,11 +104,22 @@ pub fn capture(
         .collect::<Result<Vec<_>, _>>()?;
     let sigactions = signals::sigactions(pid, &remote)?;
     let shared_pending = signals::shared_pending(pid)?;
+    let t_regs = t0.elapsed();
     let (fds, locks) = files::fds(&mut ctx, &opts.relay_pipes)?;
+    let t_fds = t0.elapsed();
     let (cwd, exe) = files::cwd_and_exe(&mut ctx)?;
     let process = process::process(pid, cwd, exe)?;
     let mut pages = PagesWriter::create(dir)?;
-    let (mm, mem) = mm::capture_mm(pid, &maps, &mut ctx, &remote, &mut pages, opts.lazy_anon)?;
+    let (mm, mem) = mm::capture_mm(
+        pid,
+        &maps,
+        &mut ctx,
+        &remote,
+        &mut pages,
+        opts.lazy_anon,
+        &flags,
+    )?;
+    let t_mm = t0.elapsed();
     let xsave0 = &threads[0].xsave;
     let cpu = Cpu {
         xfeatures: xsave::xfeatures(xsave0).unwrap_or(0),
@@ -130,6 +147,15 @@ pub fn capture(
     };
     drop(pages);
     let image_bytes = persist::write_image(dir, &img)?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        check_ms = ms(t_check),
+        regs_ms = ms(t_regs - t_check),
+        fds_ms = ms(t_fds - t_regs),
+        mm_ms = ms(t_mm - t_fds),
+        write_ms = ms(t0.elapsed() - t_mm),
+        "captured"
+    );
     Ok(CaptureStats {
         image_bytes,
         pages_bytes: img.pages_size,
