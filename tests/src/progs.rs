@@ -58,6 +58,20 @@ pub fn numbers(path: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// Whether gcc is here to build the test programs; without it the test
+/// is skipped, or fails under `MIGFS_REQUIRE_PRIV=1`.
+pub fn have_gcc() -> bool {
+    if Command::new("gcc").arg("--version").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("MIGFS_REQUIRE_PRIV").as_deref() != Ok("1"),
+        "MIGFS_REQUIRE_PRIV=1 but gcc is missing"
+    );
+    eprintln!("SKIP: needs gcc");
+    false
+}
+
 /// Waits up to `ms` for `cond`.
 pub fn within(ms: u64, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + Duration::from_millis(ms);

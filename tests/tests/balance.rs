@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use migfs_e2e::harness::{Cluster, migfs_bin, require_priv};
-use migfs_e2e::progs::prog;
+use migfs_e2e::progs::{have_gcc, prog};
 use serde_json::Value;
 
 /// LCG steps per unit of spin.c's work (about 0.1 s of one CPU).
@@ -24,19 +24,7 @@ const LCG_A: u64 = 6364136223846793005;
 const LCG_C: u64 = 1442695040888963407;
 
 fn cluster_with(env: &[(&str, &str)]) -> Option<Cluster> {
-    if !require_priv() {
-        return None;
-    }
-    if std::process::Command::new("gcc")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var("MIGFS_REQUIRE_PRIV").as_deref() != Ok("1"),
-            "MIGFS_REQUIRE_PRIV=1 but gcc is missing"
-        );
-        eprintln!("SKIP: needs gcc");
+    if !require_priv() || !have_gcc() {
         return None;
     }
     Some(Cluster::up_with_env(2, env))

@@ -11,22 +11,10 @@ use std::fs;
 use std::process::Output;
 
 use migfs_e2e::harness::{Cluster, migfs_bin, output_text, require_priv};
-use migfs_e2e::progs::{assert_sequence, numbers, prog, wait_lines, within};
+use migfs_e2e::progs::{assert_sequence, have_gcc, numbers, prog, wait_lines, within};
 
 fn cluster() -> Option<Cluster> {
-    if !require_priv() {
-        return None;
-    }
-    if std::process::Command::new("gcc")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var("MIGFS_REQUIRE_PRIV").as_deref() != Ok("1"),
-            "MIGFS_REQUIRE_PRIV=1 but gcc is missing"
-        );
-        eprintln!("SKIP: needs gcc");
+    if !require_priv() || !have_gcc() {
         return None;
     }
     Some(Cluster::up(2))

@@ -43,7 +43,6 @@ const STORE_TTL: Duration = Duration::from_secs(600);
 
 /// Pages of a running process sent to the target, round after round.
 pub struct Rounds {
-    pid: Pid,
     move_id: u64,
     tracker: Tracker,
     reader: PageSource,
@@ -71,7 +70,6 @@ impl Rounds {
         let tracker = Tracker::start(pid, &ranges).map_err(err)?;
         let reader = PageSource::new(pid, ranges.clone()).map_err(err)?;
         let mut r = Rounds {
-            pid,
             move_id,
             tracker,
             reader,
@@ -101,17 +99,18 @@ impl Rounds {
         }
     }
 
-    /// With the process frozen and its image captured (`lazy`: the image's
-    /// lazy ranges): ends tracking and returns the ranges whose pre-copied
-    /// pages are stale. With `complete`, those are sent now and nothing is
-    /// stale.
+    /// With the process frozen and its image captured (`frozen`: the page
+    /// server's reader of the image's lazy ranges): ends tracking and
+    /// returns the ranges whose pre-copied pages are stale, and the pages
+    /// sent. With `complete`, those are sent now and nothing is stale.
     pub fn finish(
         mut self,
         inner: &Inner,
         client: &AgentClient,
-        lazy: &[(u64, u64)],
+        frozen: &PageSource,
         complete: bool,
     ) -> Result<(Vec<(u64, u64)>, u64), AgentError> {
+        let lazy = frozen.ranges();
         let err = |e: crate::error::MigError| AgentError::phase("precopy", e);
         let mut stale = std::mem::take(&mut self.dirty);
         stale.extend(self.tracker.collect().map_err(err)?);
@@ -120,7 +119,6 @@ impl Rounds {
         let stale = normalize(stale);
         let Rounds {
             tracker,
-            pid,
             move_id,
             rounds,
             pages,
@@ -130,8 +128,7 @@ impl Rounds {
         if !complete {
             return Ok((stale, pages));
         }
-        let reader = PageSource::new(pid, lazy.to_vec()).map_err(err)?;
-        let sent = send(inner, client, &reader, move_id, &intersect(&stale, lazy))?;
+        let sent = send(inner, client, frozen, move_id, &intersect(&stale, lazy))?;
         tracing::debug!(move_id, rounds, pages = pages + sent, "pre-copy complete");
         Ok((Vec::new(), pages + sent))
     }

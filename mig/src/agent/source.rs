@@ -389,13 +389,14 @@ impl Move {
             r.pause();
         }
         let t_freeze = Instant::now();
-        let frozen = freeze::freeze(self.pid, Duration::from_secs(10)).map_err(|e| {
-            precopy::abort(&self.inner, &client, self.move_id);
-            if let Some(r) = &self.relay {
-                r.resume(&[]);
+        let precopied = rounds.is_some();
+        let frozen = match freeze::freeze(self.pid, Duration::from_secs(10)) {
+            Ok(f) => f,
+            Err(e) => {
+                self.undo(&client, precopied, None);
+                return Err(AgentError::phase("freeze", e));
             }
-            AgentError::phase("freeze", e)
-        })?;
+        };
         self.phase_done("freeze", t_freeze);
         if let Some(r) = &self.relay
             && let Some(&fd) = super::stdin::fds_of(self.pid, r).first()
@@ -410,15 +411,12 @@ impl Move {
                     self.stdin_pending = p;
                 }
                 Err(e) => {
-                    precopy::abort(&self.inner, &client, self.move_id);
-                    r.resume(&[]);
-                    crate::checkpoint::thaw(frozen);
+                    self.undo(&client, precopied, Some(frozen));
                     return Err(e);
                 }
             }
         }
         let dir = self.inner.cfg.work.join(format!("out-{}", self.move_id));
-        let precopied = rounds.is_some();
         let res = self.frozen(&frozen, files, &dir, &mut client, t_freeze, rounds);
         let _ = std::fs::remove_dir_all(&dir);
         match res {
@@ -439,12 +437,13 @@ impl Move {
                     }
                     report.residual_ms = resumed.elapsed().as_secs_f64() * 1e3;
                 };
-                if report.precopy && self.mode == Mode::Eager {
+                let complete = report.precopy && self.mode == Mode::Eager;
+                if complete {
                     end_original(&mut report);
                 }
                 let drained = drained_rx.recv_timeout(DRAIN_TIMEOUT);
                 let served = self.inner.sources.lock().remove(&self.move_id);
-                if report.residual_ms == 0.0 {
+                if !complete {
                     end_original(&mut report);
                 }
                 self.phase_done("drain", t_drain);
@@ -472,15 +471,24 @@ impl Move {
             }
             Err(e) => {
                 self.inner.sources.lock().remove(&self.move_id);
-                if precopied {
-                    precopy::abort(&self.inner, &client, self.move_id);
-                }
-                if let Some(r) = &self.relay {
-                    r.resume(&self.stdin_pending);
-                }
-                crate::checkpoint::thaw(frozen);
+                self.undo(&client, precopied, Some(frozen));
                 Err(e)
             }
+        }
+    }
+
+    /// A move that failed before commit: the target drops its pre-copied
+    /// memory, the stdin relay gets its unread bytes back and takes input
+    /// again, and the original runs on.
+    fn undo(&self, client: &super::AgentClient, precopied: bool, frozen: Option<Frozen>) {
+        if precopied {
+            precopy::abort(&self.inner, client, self.move_id);
+        }
+        if let Some(r) = &self.relay {
+            r.resume(&self.stdin_pending);
+        }
+        if let Some(f) = frozen {
+            crate::checkpoint::thaw(f);
         }
     }
 
@@ -514,15 +522,18 @@ impl Move {
         let img =
             crate::image::persist::read_image(dir).map_err(|e| AgentError::phase("capture", e))?;
         let ranges = crate::pages::lazy_ranges(&img.image);
-        let pages = PageSource::new(self.pid, ranges.clone())
-            .map_err(|e| AgentError::phase("capture", e))?;
+        let pages =
+            PageSource::new(self.pid, ranges).map_err(|e| AgentError::phase("capture", e))?;
         let (done_tx, done_rx) = std_mpsc::channel();
         let serving = Arc::new(Serving {
             pages,
             served_bytes: AtomicU64::new(0),
             done: Mutex::new(Some(done_tx)),
         });
-        self.inner.sources.lock().insert(self.move_id, serving);
+        self.inner
+            .sources
+            .lock()
+            .insert(self.move_id, Arc::clone(&serving));
         self.phase_done("capture", t);
         // What pre-copy left stale; after a complete one, sent now.
         let complete = self.mode == Mode::Eager;
@@ -530,7 +541,7 @@ impl Move {
         let (stale, pages_precopy) = match rounds {
             Some(r) => {
                 let t = Instant::now();
-                let res = r.finish(&self.inner, client, &ranges, complete)?;
+                let res = r.finish(&self.inner, client, &serving.pages, complete)?;
                 self.phase_done("precopy final", t);
                 res
             }

@@ -176,7 +176,8 @@ fn pull_all(
 /// One move this node is the target of.
 struct Incoming {
     begin: pb::ReceiveBegin,
-    dir: PathBuf,
+    /// Where its image is written; removed with it.
+    dir: InDir,
 }
 
 /// Handles the Receive stream: collects the image, then rebuilds on a
@@ -198,7 +199,6 @@ pub async fn receive(
         };
         if let Err(e) = collect(&inc, &mut msgs).await {
             let _ = ev_tx.send(Ok(failed("transfer", e))).await;
-            let _ = std::fs::remove_dir_all(&inc.dir);
             return;
         }
         let (decide_tx, decide_rx) = std_mpsc::channel::<Result<(), String>>();
@@ -242,7 +242,10 @@ async fn begin(inner: &Inner, msgs: &mut Streaming<pb::ReceiveMsg>) -> Result<In
     };
     let dir = inner.cfg.work.join(format!("in-{}", begin.move_id));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(Incoming { begin, dir })
+    Ok(Incoming {
+        begin,
+        dir: InDir(dir),
+    })
 }
 
 fn failed(step: &str, message: impl std::fmt::Display) -> pb::ReceiveEvent {
@@ -287,8 +290,8 @@ async fn collect(inc: &Incoming, msgs: &mut Streaming<pb::ReceiveMsg>) -> Result
             inc.begin.pages_len
         ));
     }
-    std::fs::write(inc.dir.join(IMAGE_FILE), &image).map_err(|e| e.to_string())?;
-    std::fs::write(inc.dir.join(PAGES_FILE), &pages).map_err(|e| e.to_string())?;
+    std::fs::write(inc.dir.0.join(IMAGE_FILE), &image).map_err(|e| e.to_string())?;
+    std::fs::write(inc.dir.0.join(PAGES_FILE), &pages).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -301,28 +304,31 @@ fn rebuild(
     decide: std_mpsc::Receiver<Result<(), String>>,
 ) {
     let t0 = Instant::now();
-    let b = &inc.begin;
     let send = |e: pb::ReceiveEvent| {
         let _ = ev.blocking_send(Ok(e));
     };
-    let image_pid = match crate::image::persist::read_image(&inc.dir) {
+    let Incoming { begin, dir } = inc;
+    let b = &begin;
+    let image_pid = match crate::image::persist::read_image(&dir.0) {
         Ok(d) => d.image.process.as_ref().map_or(0, |p| p.pid),
-        Err(e) => {
-            send(failed("read image", e));
-            let _ = std::fs::remove_dir_all(&inc.dir);
-            return;
-        }
+        Err(e) => return send(failed("read image", e)),
     };
     let to_pid = u32::try_from(image_pid).unwrap_or(0);
     let session = (inner.cfg.session)();
     let mut meta = inner.meta.clone();
     let client = match inner.agent_at(&b.source_addr) {
         Ok(c) => c,
-        Err(e) => {
-            send(failed("connect", e));
-            let _ = std::fs::remove_dir_all(&inc.dir);
-            return;
-        }
+        Err(e) => return send(failed("connect", e)),
+    };
+    let copied = match precopied(&inner, b) {
+        Ok(p) => p,
+        Err(e) => return send(failed("precopy", e)),
+    };
+    // A new stdin relay pipe: the process opens its read end through
+    // /proc; this agent keeps the write end.
+    let pipe = match b.stdin_relay.then(crate::sys::pipe::relay_pipe).transpose() {
+        Ok(p) => p,
+        Err(e) => return send(failed("stdin", format!("stdin pipe: {e}"))),
     };
     let held = match inner.rt.block_on(meta.move_locks(MoveLocksRequest {
         from_session: b.source_session,
@@ -331,23 +337,10 @@ fn rebuild(
         to_pid,
     })) {
         Ok(r) => r.into_inner().moved,
-        Err(s) => {
-            send(failed("take locks", format!("hand-over: {}", s.message())));
-            let _ = std::fs::remove_dir_all(&inc.dir);
-            return;
-        }
+        Err(s) => return send(failed("take locks", format!("hand-over: {}", s.message()))),
     };
     let eager = Mode::try_from(b.mode) == Ok(Mode::Eager);
     let t_locks = t0.elapsed();
-    let copied = match precopied(&inner, b) {
-        Ok(p) => p,
-        Err(e) => {
-            give_back(&inner, session, to_pid, held);
-            send(failed("precopy", e));
-            let _ = std::fs::remove_dir_all(&inc.dir);
-            return;
-        }
-    };
     let (rt, c2, move_id) = (inner.rt.clone(), client.clone(), b.move_id);
     let preloaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let pre = Arc::clone(&preloaded);
@@ -393,17 +386,6 @@ fn rebuild(
             .recv()
             .unwrap_or_else(|_| Err("the source went away".into()))
     };
-    // A new stdin relay pipe: the process opens its read end through
-    // /proc; this agent keeps the write end.
-    let pipe = match b.stdin_relay.then(crate::sys::pipe::relay_pipe).transpose() {
-        Ok(p) => p,
-        Err(e) => {
-            give_back(&inner, session, to_pid, held);
-            send(failed("stdin", format!("stdin pipe: {e}")));
-            let _ = std::fs::remove_dir_all(&inc.dir);
-            return;
-        }
-    };
     let extras = Extras {
         lazy: Some(lazy),
         before_resume: Some(Box::new(hold)),
@@ -411,8 +393,8 @@ fn rebuild(
             .as_ref()
             .map(|(r, _)| format!("/proc/{}/fd/{}", std::process::id(), r.as_raw_fd())),
     };
-    let res = crate::restore::restore_with(&inc.dir, &RestoreOptions::default(), extras);
-    let _ = std::fs::remove_dir_all(&inc.dir);
+    let res = crate::restore::restore_with(&dir.0, &RestoreOptions::default(), extras);
+    drop(dir);
     let restored = match res {
         Ok(r) => r,
         Err(e) => {
@@ -460,6 +442,15 @@ fn rebuild(
         copied.map(|p| p.store),
         remote,
     );
+}
+
+/// The image directory of an incoming move, removed when dropped.
+struct InDir(PathBuf);
+
+impl Drop for InDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Pre-copied memory of a move, with what of it is stale.

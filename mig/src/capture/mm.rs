@@ -98,11 +98,10 @@ pub fn capture_mm(
     Ok((mm, stats))
 }
 
-fn vma(pid: Pid, m: &MapEntry, ctx: &mut FileCtx) -> Result<Vma, CaptureError> {
-    let p = pid.as_raw();
-    let range = format!("{:x}-{:x}", m.start, m.end);
+/// What a mapping is, from its line in /proc/PID/maps.
+pub fn vma_kind(m: &MapEntry) -> VmaKind {
     let (path, deleted) = m.file_path();
-    let kind = if vdso::is_vdso_part(m) {
+    if vdso::is_vdso_part(m) {
         VmaKind::VmaVdsoBlock
     } else if m.path == "[heap]" {
         VmaKind::VmaHeap
@@ -122,7 +121,13 @@ fn vma(pid: Pid, m: &MapEntry, ctx: &mut FileCtx) -> Result<Vma, CaptureError> {
         }
     } else {
         VmaKind::VmaFile
-    };
+    }
+}
+
+fn vma(pid: Pid, m: &MapEntry, ctx: &mut FileCtx) -> Result<Vma, CaptureError> {
+    let p = pid.as_raw();
+    let range = format!("{:x}-{:x}", m.start, m.end);
+    let kind = vma_kind(m);
     let blocker = check::mapping_blocker(m, &[]).filter(|_| kind == VmaKind::VmaFile);
     if let Some(why) =
         blocker.filter(|_| ctx.migfs_by_dev(libc::makedev(m.major, m.minor)).is_none())

@@ -42,18 +42,14 @@ pub fn lazy_ranges(img: &Image) -> Vec<(u64, u64)> {
 }
 
 /// The ranges of a running process's maps that a capture with lazy
-/// anonymous memory would leave out of the image (the same kinds as
-/// [`is_lazy_kind`]): private anonymous, heap and stack mappings that are
-/// accessible.
+/// anonymous memory would leave out of the image: the same
+/// classification ([`crate::capture::mm::vma_kind`], [`is_lazy_kind`]).
 pub fn lazy_ranges_of_maps(maps: &[crate::sys::procfs::MapEntry]) -> Vec<(u64, u64)> {
     maps.iter()
+        .filter(|m| m.path != "[vsyscall]")
         .filter(|m| {
-            let (path, _) = m.file_path();
-            let anon = m.inode == 0 && (path.is_empty() || path.starts_with('['));
-            anon && !m.shared
-                && m.prot != 0
-                && path != "[vsyscall]"
-                && !crate::sys::vdso::is_vdso_part(m)
+            let kind = crate::capture::mm::vma_kind(m);
+            is_lazy_kind(kind as i32, m.shared, m.prot)
         })
         .map(|m| (m.start, m.end))
         .collect()

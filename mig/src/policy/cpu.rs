@@ -160,16 +160,8 @@ impl Policy for CpuPolicy {
     }
 
     fn outcome(&mut self, d: &Decision, outcome: &Outcome, now: Duration) {
-        match outcome {
-            Outcome::Moved => {
-                self.history.moved(d.task);
-                self.history.settle(d.from, d.to);
-            }
-            Outcome::Failed(_) => {
-                self.history.failed(d.task, now, &self.common.hysteresis);
-            }
-            Outcome::NotTried => self.history.undo(d.task),
-        }
+        self.history
+            .outcome(d, outcome, now, &self.common.hysteresis);
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use migfs_proto::ids::{NodeId, TaskId};
 
-use super::ClusterState;
+use super::{ClusterState, Decision, Outcome};
 
 /// How long tasks rest after a decision and after failures.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -100,6 +100,21 @@ impl History {
             && e.failures == 0
         {
             self.rest.remove(&task);
+        }
+    }
+
+    /// Records how the execution of `d` went (what every policy's
+    /// [`super::Policy::outcome`] does).
+    pub fn outcome(&mut self, d: &Decision, outcome: &Outcome, now: Duration, h: &Hysteresis) {
+        match outcome {
+            Outcome::Moved => {
+                self.moved(d.task);
+                self.settle(d.from, d.to);
+            }
+            Outcome::Failed(_) => {
+                self.failed(d.task, now, h);
+            }
+            Outcome::NotTried => self.undo(d.task),
         }
     }
 
