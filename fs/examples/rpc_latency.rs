@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use migfs_fs::meta_client::Meta;
 use migfs_proto::auth::Secret;
-use migfs_proto::meta::InoRequest;
+use migfs_proto::meta::{InoRequest, LookupRequest, MknodRequest, NameRequest};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -42,4 +42,60 @@ fn main() {
         "inside the runtime:    {:.0} us per call",
         t.elapsed().as_secs_f64() * 1e6 / f64::from(n)
     );
+    // Create, look up and unlink files in the root (no FUSE in the way).
+    let names: Vec<Vec<u8>> = (0..n)
+        .map(|i| format!("rpc-latency-{i}").into_bytes())
+        .collect();
+    let t = Instant::now();
+    rt.block_on(async {
+        for name in &names {
+            let req = MknodRequest {
+                parent: 1,
+                name: name.clone(),
+                mode: libc::S_IFREG | 0o644,
+                ..MknodRequest::default()
+            };
+            meta.call("mknod", |mut c| {
+                let req = req.clone();
+                async move { c.mknod(req).await }
+            })
+            .await
+            .expect("mknod");
+        }
+    });
+    let per = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    println!("mknod:                 {:.0} us per call", per(t));
+    let t = Instant::now();
+    rt.block_on(async {
+        for name in &names {
+            let req = LookupRequest {
+                parent: 1,
+                name: name.clone(),
+            };
+            meta.call("lookup", |mut c| {
+                let req = req.clone();
+                async move { c.lookup(req).await }
+            })
+            .await
+            .expect("lookup");
+        }
+    });
+    println!("lookup:                {:.0} us per call", per(t));
+    let t = Instant::now();
+    rt.block_on(async {
+        for name in &names {
+            let req = NameRequest {
+                session_id: 0,
+                parent: 1,
+                name: name.clone(),
+            };
+            meta.call("unlink", |mut c| {
+                let req = req.clone();
+                async move { c.unlink(req).await }
+            })
+            .await
+            .expect("unlink");
+        }
+    });
+    println!("unlink:                {:.0} us per call", per(t));
 }

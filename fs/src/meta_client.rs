@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use migfs_proto::auth::{Present, Secret};
+use migfs_proto::frame::FrameChannel;
 use migfs_proto::meta::meta_client::MetaClient;
 use migfs_proto::{MAX_MESSAGE_BYTES, errno};
 use tonic::service::interceptor::InterceptedService;
@@ -18,8 +19,12 @@ use tonic::{Code, Status};
 
 use crate::error::{FsError, Result};
 
-/// The generated client with the cluster secret on every call.
+/// The generated client with the cluster secret on every call, over
+/// HTTP/2 (for streams).
 pub type RawMeta = MetaClient<InterceptedService<Channel, Present>>;
+
+/// The same client over framed TCP (unary calls: the hot path).
+pub type FastMeta = MetaClient<InterceptedService<FrameChannel, Present>>;
 
 /// How long one call may take before it is abandoned and retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,6 +33,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Meta {
     raw: RawMeta,
+    fast: FastMeta,
     retry_for: Duration,
     session: AtomicU64,
 }
@@ -40,11 +46,16 @@ impl Meta {
             .connect_timeout(Duration::from_secs(2))
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true);
-        let raw = MetaClient::with_interceptor(ep.connect_lazy(), Present(secret))
+        let raw = MetaClient::with_interceptor(ep.connect_lazy(), Present(secret.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let frames = FrameChannel::new(url, Duration::from_secs(2), CALL_TIMEOUT);
+        let fast = MetaClient::with_interceptor(frames, Present(secret))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Meta {
             raw,
+            fast,
             retry_for,
             session: AtomicU64::new(0),
         })
@@ -69,13 +80,13 @@ impl Meta {
     /// retry budget is spent.
     pub async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
     where
-        F: Fn(RawMeta) -> Fut,
+        F: Fn(FastMeta) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
         let deadline = Instant::now() + self.retry_for;
         let mut backoff = Duration::from_millis(5);
         loop {
-            let status = match f(self.raw.clone()).await {
+            let status = match f(self.fast.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(st) => st,
             };

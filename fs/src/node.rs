@@ -378,6 +378,7 @@ async fn apply(sh: &Arc<Shared>, inv: Invalidation) {
             let name = OsStr::from_bytes(&inv.name).to_os_string();
             sh.cache.drop_entry(inv.parent, &name);
             sh.cache.drop_attr(inv.parent);
+            sh.cache.listing_forget(inv.parent);
             if let Some(n) = notifier {
                 let parent = inv.parent;
                 let _ = tokio::task::spawn_blocking(move || n.inval_entry(INodeNo(parent), &name))

@@ -181,7 +181,7 @@ fn synced_tree_survives_kill_9() -> Result<()> {
                 mode: 0o755,
                 ..Default::default()
             };
-            let dir = c.mkdir(mk).await?.into_inner();
+            let dir = c.mkdir(mk).await?.into_inner().attr.expect("attributes");
             for f in 0..50 {
                 let name = format!("f{f}");
                 let mk = pb::MknodRequest {
@@ -191,7 +191,7 @@ fn synced_tree_survives_kill_9() -> Result<()> {
                     mode: 0o100_600,
                     ..Default::default()
                 };
-                let a = c.mknod(mk).await?.into_inner();
+                let a = c.mknod(mk).await?.into_inner().attr.expect("attributes");
                 let blocks = vec![pb::BlockRef {
                     index: 0,
                     hash: vec![f; 32],
@@ -364,7 +364,7 @@ async fn one_op(
                 open: opened,
                 ..Default::default()
             };
-            let a = c.mknod(req).await?.into_inner();
+            let a = c.mknod(req).await?.into_inner().attr.expect("attributes");
             if opened {
                 open.push(a.ino);
             }

@@ -119,8 +119,13 @@ async fn symlink_and_readlink() {
         gid: 8,
     };
     let (ok, empty) = (req("l", b"../some/where"), req("e", b""));
-    let l = n.c.symlink(ok).await.unwrap().into_inner();
+    let r = n.c.symlink(ok).await.unwrap().into_inner();
+    let (l, p) = (r.attr.unwrap(), r.parent.unwrap());
     assert_eq!((l.mode, l.size, l.uid, l.nlink), (0o120_777, 13, 7, 1));
+    // The reply carries the directory as it is after the change.
+    assert_eq!(p.ino, ROOT);
+    assert_eq!((p.mtime_ns, p.ctime_ns), (l.ctime_ns, l.ctime_ns));
+    assert_eq!(n.getattr(ROOT).await.unwrap(), p);
     let t =
         n.c.readlink(pb::InoRequest { ino: l.ino })
             .await
@@ -148,8 +153,10 @@ async fn link_unlink_rmdir_rules() {
         new_name: name.into(),
     };
     let (l1, l2, l3) = (link(f.ino, "f2"), link(d.ino, "dd"), link(f.ino, "f2"));
-    let a = n.c.link(l1).await.unwrap().into_inner();
+    let r = n.c.link(l1).await.unwrap().into_inner();
+    let a = r.attr.unwrap();
     assert_eq!((a.ino, a.nlink), (f.ino, 2));
+    assert_eq!(r.parent.unwrap(), n.getattr(d.ino).await.unwrap());
     assert_eq!(errno(n.c.link(l2).await), libc::EPERM);
     assert_eq!(errno(n.c.link(l3).await), libc::EEXIST);
     assert_eq!(errno(n.unlink(ROOT, "d").await), libc::EISDIR);
@@ -425,4 +432,38 @@ async fn setattr_changes_what_it_is_told() {
         ..base
     };
     assert_eq!(errno(n.c.set_attr(req).await), libc::ENOENT);
+}
+
+#[tokio::test]
+async fn removals_and_renames_answer_the_directories_after_the_change() {
+    let s = TestServer::start(Config::default()).await;
+    let mut n = s.node("a").await;
+    let d = n.mkdir(ROOT, "d").await;
+    n.mkdir(ROOT, "e").await;
+    n.create(ROOT, "f").await;
+    n.create(ROOT, "g").await;
+    let name = |parent: u64, name: &str| pb::NameRequest {
+        session_id: n.sid,
+        parent,
+        name: name.into(),
+    };
+    let (f, e) = (name(ROOT, "f"), name(ROOT, "e"));
+    let r = n.c.unlink(f).await.unwrap().into_inner();
+    assert_eq!(r.parent.unwrap(), n.getattr(ROOT).await.unwrap());
+    let before = n.getattr(ROOT).await.unwrap().nlink;
+    let r = n.c.rmdir(e).await.unwrap().into_inner();
+    let p = r.parent.unwrap();
+    assert_eq!(p.nlink, before - 1);
+    assert_eq!(p, n.getattr(ROOT).await.unwrap());
+    let rn = pb::RenameRequest {
+        session_id: n.sid,
+        parent: ROOT,
+        name: "g".into(),
+        new_parent: d.ino,
+        new_name: "g2".into(),
+        flags: 0,
+    };
+    let r = n.c.rename(rn).await.unwrap().into_inner();
+    assert_eq!(r.parent.unwrap(), n.getattr(ROOT).await.unwrap());
+    assert_eq!(r.new_parent.unwrap(), n.getattr(d.ino).await.unwrap());
 }

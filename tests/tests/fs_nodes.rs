@@ -255,3 +255,73 @@ fn reader_on_n2_never_sees_zeros_while_n1_appends() {
     let want: String = (0..n).map(|i| format!("{i}\n")).collect();
     assert_eq!(fs::read_to_string(c.path("n2", "log.txt")).unwrap(), want);
 }
+
+#[test]
+fn names_made_on_n2_are_seen_in_a_directory_n1_made_and_knows() {
+    if !require_priv() {
+        return;
+    }
+    let c = Cluster::up(2);
+    // n1 made "d", so it knows every name in it and answers misses itself;
+    // n2's changes must still show on n1 at once.
+    fs::create_dir(c.path("n1", "d")).unwrap();
+    fs::write(c.path("n1", "d/a"), b"1").unwrap();
+    assert!(!c.path("n1", "d/b").exists());
+    fs::write(c.path("n2", "d/b"), b"2").unwrap();
+    assert!(
+        within(300, || c.path("n1", "d/b").exists()),
+        "n1 does not see the name n2 made"
+    );
+    assert_eq!(fs::read(c.path("n1", "d/b")).unwrap(), b"2");
+    fs::remove_file(c.path("n2", "d/a")).unwrap();
+    assert!(
+        within(300, || !c.path("n1", "d/a").exists()),
+        "n1 still sees the name n2 removed"
+    );
+    fs::write(c.path("n1", "d/a"), b"3").unwrap();
+    assert_eq!(fs::read(c.path("n2", "d/a")).unwrap(), b"3");
+    // And its own changes, in a directory it made.
+    fs::create_dir(c.path("n1", "d/e")).unwrap();
+    fs::rename(c.path("n1", "d/b"), c.path("n1", "d/e/b")).unwrap();
+    assert!(!c.path("n1", "d/b").exists() && c.path("n1", "d/e/b").exists());
+    fs::remove_dir(c.path("n1", "d/e")).unwrap_err();
+    let mut names: Vec<_> = fs::read_dir(c.path("n2", "d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "e"]);
+}
+
+#[test]
+fn o_creat_of_the_same_names_on_both_nodes_at_once_never_fails() {
+    if !require_priv() {
+        return;
+    }
+    let c = Cluster::up(2);
+    // Fresh directories made by n1 (which then answers misses in them
+    // itself) and names both nodes open with O_CREAT in step: whichever
+    // loses the race to create a name must open the other's file.
+    for round in 0..10 {
+        fs::create_dir(c.path("n1", &format!("r{round}"))).unwrap();
+        std::thread::scope(|s| {
+            for node in ["n1", "n2"] {
+                let c = &c;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        let p = c.path(node, &format!("r{round}/f{i}"));
+                        fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&p)
+                            .unwrap_or_else(|e| panic!("{node}: open(O_CREAT) {p:?}: {e}"));
+                    }
+                });
+            }
+        });
+        let n = fs::read_dir(c.path("n2", &format!("r{round}")))
+            .unwrap()
+            .count();
+        assert_eq!(n, 50);
+    }
+}

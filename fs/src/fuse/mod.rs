@@ -622,9 +622,14 @@ impl Filesystem for MigFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
+        let who = ops::Who {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        };
         let mk = ops::Make::new(
             req,
             parent.0,
@@ -633,9 +638,17 @@ impl Filesystem for MigFs {
             0,
         );
         let res = self.run(async {
-            let a = ops::mknod(&self.sh, mk, true).await?;
-            let (fh, _) = self.sh.add_handle(&a);
-            Ok((a, fh))
+            match ops::mknod(&self.sh, mk, true).await {
+                Ok(a) => {
+                    let (fh, _) = self.sh.add_handle(&a);
+                    Ok((a, fh))
+                }
+                // Made by another node since the kernel looked the name up.
+                Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
+                    ops::open_existing(&self.sh, parent.0, name, who, flags).await
+                }
+                Err(e) => Err(e),
+            }
         });
         match res {
             Ok((a, fh)) => {

@@ -7,15 +7,18 @@ use std::time::Duration;
 
 use fuser::{FileHandle, Request};
 use migfs_proto::meta::{
-    Attr, Empty, FallocateRequest, InoRequest, LinkRequest, LockReply, LockRequest, LookupRequest,
-    MknodRequest, NameRequest, OpenRequest, ReadDirRequest, ReleaseRequest, RenameRequest,
-    SetAttrRequest, SetXattrRequest, StatFsReply, SymlinkRequest, XattrRequest,
+    Attr, Empty, EntryReply, FallocateRequest, InoRequest, LinkRequest, LockReply, LockRequest,
+    LookupRequest, MknodRequest, NameRequest, OpenRequest, ReadDirRequest, ReleaseRequest,
+    RenameRequest, SetAttrRequest, SetXattrRequest, StatFsReply, SymlinkRequest, XattrRequest,
 };
 
 use super::Shared;
 use super::control;
 use super::data::FileData;
 use crate::error::{FsError, Result};
+
+/// Longest name the metadata server accepts.
+const NAME_MAX: usize = 255;
 
 /// Directory entries asked for per `ReadDir` call.
 const READDIR_BATCH: u32 = 512;
@@ -73,6 +76,13 @@ pub async fn lookup(sh: &Shared, parent: u64, name: &OsStr) -> Result<Attr> {
     }
     if let Some(a) = sh.cache.lookup(parent, name) {
         return Ok(sh.patch_local(a));
+    }
+    // A name too long for the server is its error to give (ENAMETOOLONG).
+    if name.len() <= NAME_MAX && sh.cache.absent(parent, name) {
+        return Err(FsError::Local {
+            op: "lookup",
+            errno: libc::ENOENT,
+        });
     }
     let req = LookupRequest {
         parent,
@@ -169,41 +179,164 @@ fn mknod_req(sh: &Shared, mk: &Make, open: bool) -> MknodRequest {
     }
 }
 
-fn created(sh: &Shared, parent: u64, name: &[u8], a: &Attr) {
-    sh.cache.drop_attr(parent);
-    sh.cache.put_entry(parent, OsStr::from_bytes(name), a);
+/// Caches what a create-like call answered: the new entry, and the
+/// directory's new attributes (the kernel asks for them next: it drops its
+/// copy after every change to a directory).
+fn created(sh: &Shared, op: &'static str, parent: u64, name: &[u8], r: EntryReply) -> Result<Attr> {
+    let a = r.attr.ok_or_else(|| incomplete(op))?;
+    match r.parent {
+        Some(p) => sh.cache.put_attr(&p),
+        None => sh.cache.drop_attr(parent),
+    }
+    sh.cache.put_entry(parent, OsStr::from_bytes(name), &a);
+    sh.cache.listing_add(parent, OsStr::from_bytes(name));
+    if super::attr::is_dir(&a) {
+        sh.cache.listing_empty(a.ino);
+    }
+    Ok(a)
+}
+
+/// Notes what a failed create-like call says about the name: EEXIST means
+/// it is there after all (another node made it).
+fn exists_if_eexist<T>(sh: &Shared, parent: u64, name: &[u8], r: Result<T>) -> Result<T> {
+    if r.as_ref().is_err_and(|e| e.errno() == libc::EEXIST) {
+        sh.cache.listing_add(parent, OsStr::from_bytes(name));
+    }
+    r
+}
+
+/// A reply without the attributes it must carry.
+fn incomplete(op: &'static str) -> FsError {
+    FsError::Meta {
+        op,
+        status: tonic::Status::internal("the metadata server's reply lacks attributes"),
+    }
+}
+
+/// Caches a directory's attributes after a removal or rename from it.
+fn parent_changed(sh: &Shared, parent: u64, attr: Option<Attr>) {
+    match attr {
+        Some(p) => sh.cache.put_attr(&p),
+        None => sh.cache.drop_attr(parent),
+    }
 }
 
 /// Creates a node (regular file, fifo, device...); `open` also opens it.
 pub async fn mknod(sh: &Shared, mk: Make, open: bool) -> Result<Attr> {
     control::refuse_in_control(mk.parent)?;
     let req = mknod_req(sh, &mk, open);
-    let a = sh
+    let r = sh
         .data
         .meta
         .call("mknod", |mut c| {
             let req = req.clone();
             async move { c.mknod(req).await }
         })
-        .await?;
-    created(sh, mk.parent, &mk.name, &a);
-    Ok(a)
+        .await;
+    let r = exists_if_eexist(sh, mk.parent, &mk.name, r)?;
+    created(sh, "mknod", mk.parent, &mk.name, r)
+}
+
+/// Who asks (for the access checks the kernel cannot make itself).
+#[derive(Debug, Clone, Copy)]
+pub struct Who {
+    /// User.
+    pub uid: u32,
+    /// Primary group.
+    pub gid: u32,
+    /// Process (its supplementary groups are read from /proc).
+    pub pid: u32,
+}
+
+impl Who {
+    /// Whether `who` may access a node of `a` for `want` (`R_OK`/`W_OK`
+    /// bits), by the owner / group / other bits as the kernel decides.
+    fn may(&self, a: &Attr, want: u32) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        let bits = if self.uid == a.uid {
+            a.mode >> 6
+        } else if self.gid == a.gid || self.in_group(a.gid) {
+            a.mode >> 3
+        } else {
+            a.mode
+        } & 0o7;
+        bits & want == want
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid)).is_ok_and(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+        })
+    }
+}
+
+/// open(O_CREAT) without O_EXCL of a name another node made after this one
+/// looked (the create said EEXIST): opens the file that is there, as
+/// open(2) would have, with the access check the kernel skips for a file it
+/// believes it created.
+pub async fn open_existing(
+    sh: &Shared,
+    parent: u64,
+    name: &OsStr,
+    who: Who,
+    flags: i32,
+) -> Result<(Attr, u64)> {
+    let local = |errno| FsError::Local { op: "open", errno };
+    sh.cache.drop_entry(parent, name);
+    let a = lookup(sh, parent, name).await?;
+    match a.mode & libc::S_IFMT {
+        libc::S_IFREG => {}
+        libc::S_IFDIR => return Err(local(libc::EISDIR)),
+        _ => return Err(local(libc::EEXIST)),
+    }
+    let mut want = match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => 2,
+        libc::O_RDWR => 6,
+        _ => 4,
+    };
+    if flags & libc::O_TRUNC != 0 {
+        want |= 2;
+    }
+    if !who.may(&a, want) {
+        return Err(local(libc::EACCES));
+    }
+    let (fh, _) = open(sh, a.ino).await?;
+    if flags & libc::O_TRUNC == 0 || a.size == 0 {
+        return Ok((a, fh));
+    }
+    let req = SetAttrRequest {
+        session_id: sh.data.meta.session(),
+        ino: a.ino,
+        size: Some(0),
+        ..SetAttrRequest::default()
+    };
+    match setattr(sh, req).await {
+        Ok(a) => Ok((a, fh)),
+        Err(e) => {
+            let _ = release(sh, a.ino, FileHandle(fh), None).await;
+            Err(e)
+        }
+    }
 }
 
 /// Creates a directory.
 pub async fn mkdir(sh: &Shared, mk: Make) -> Result<Attr> {
     control::refuse_in_control(mk.parent)?;
     let req = mknod_req(sh, &mk, false);
-    let a = sh
+    let r = sh
         .data
         .meta
         .call("mkdir", |mut c| {
             let req = req.clone();
             async move { c.mkdir(req).await }
         })
-        .await?;
-    created(sh, mk.parent, &mk.name, &a);
-    Ok(a)
+        .await;
+    let r = exists_if_eexist(sh, mk.parent, &mk.name, r)?;
+    created(sh, "mkdir", mk.parent, &mk.name, r)
 }
 
 /// Creates a symlink to `target`.
@@ -217,16 +350,16 @@ pub async fn symlink(sh: &Shared, mk: Make, target: &OsStr) -> Result<Attr> {
         uid: mk.uid,
         gid: mk.gid,
     };
-    let a = sh
+    let r = sh
         .data
         .meta
         .call("symlink", |mut c| {
             let req = req.clone();
             async move { c.symlink(req).await }
         })
-        .await?;
-    created(sh, mk.parent, &mk.name, &a);
-    Ok(a)
+        .await;
+    let r = exists_if_eexist(sh, mk.parent, &mk.name, r)?;
+    created(sh, "symlink", mk.parent, &mk.name, r)
 }
 
 /// Adds a hard link.
@@ -238,16 +371,16 @@ pub async fn link(sh: &Shared, ino: u64, new_parent: u64, new_name: &OsStr) -> R
         new_parent,
         new_name: name_bytes(new_name),
     };
-    let a = sh
+    let r = sh
         .data
         .meta
         .call("link", |mut c| {
             let req = req.clone();
             async move { c.link(req).await }
         })
-        .await?;
-    created(sh, new_parent, new_name.as_bytes(), &a);
-    Ok(a)
+        .await;
+    let r = exists_if_eexist(sh, new_parent, new_name.as_bytes(), r)?;
+    created(sh, "link", new_parent, new_name.as_bytes(), r)
 }
 
 fn forget_name(sh: &Shared, parent: u64, name: &OsStr) {
@@ -268,7 +401,8 @@ pub async fn remove(sh: &Shared, parent: u64, name: &OsStr, dir: bool) -> Result
     };
     let op = if dir { "rmdir" } else { "unlink" };
     forget_name(sh, parent, name);
-    sh.data
+    let r = sh
+        .data
         .meta
         .call(op, |mut c| {
             let req = req.clone();
@@ -280,8 +414,14 @@ pub async fn remove(sh: &Shared, parent: u64, name: &OsStr, dir: bool) -> Result
                 }
             }
         })
-        .await?;
+        .await;
+    if r.as_ref().is_err_and(|e| e.errno() == libc::ENOENT) {
+        sh.cache.listing_remove(parent, name);
+    }
+    let r = r?;
     forget_name(sh, parent, name);
+    sh.cache.listing_remove(parent, name);
+    parent_changed(sh, parent, r.parent);
     Ok(())
 }
 
@@ -306,7 +446,8 @@ pub async fn rename(
     };
     forget_name(sh, parent, name);
     forget_name(sh, new_parent, new_name);
-    sh.data
+    let r = sh
+        .data
         .meta
         .call("rename", |mut c| {
             let req = req.clone();
@@ -315,6 +456,12 @@ pub async fn rename(
         .await?;
     forget_name(sh, parent, name);
     forget_name(sh, new_parent, new_name);
+    if flags & libc::RENAME_EXCHANGE == 0 {
+        sh.cache.listing_remove(parent, name);
+    }
+    sh.cache.listing_add(new_parent, new_name);
+    parent_changed(sh, parent, r.parent);
+    parent_changed(sh, new_parent, r.new_parent);
     Ok(())
 }
 

@@ -99,9 +99,44 @@ impl MetaService {
         finish(self.write(origin, op).await.map(|()| pb::Empty {}))
     }
 
-    async fn create(&self, r: pb::MknodRequest, dir: bool) -> Reply<pb::Attr> {
+    /// A write that makes a name in `parent`: answers the new node's
+    /// attributes and the directory's after the change.
+    async fn entry_write<F>(&self, origin: u64, parent: u64, op: F) -> Reply<pb::EntryReply>
+    where
+        F: FnOnce(&mut Txn<'_>) -> Result<crate::schema::Inode> + Send + 'static,
+    {
+        let res = self
+            .write(origin, move |t| {
+                let node = op(t)?;
+                Ok((node, ops::inode(t, parent)?))
+            })
+            .await;
+        finish(res.map(|(node, p)| pb::EntryReply {
+            attr: Some(to_attr(&node)),
+            parent: Some(to_attr(&p)),
+        }))
+    }
+
+    /// A write that removes a name from `parent`: answers the directory's
+    /// attributes after the change.
+    async fn remove_write<F>(&self, origin: u64, parent: u64, op: F) -> Reply<pb::ParentReply>
+    where
+        F: FnOnce(&mut Txn<'_>) -> Result<()> + Send + 'static,
+    {
+        let res = self
+            .write(origin, move |t| {
+                op(t)?;
+                ops::inode(t, parent)
+            })
+            .await;
+        finish(res.map(|p| pb::ParentReply {
+            parent: Some(to_attr(&p)),
+        }))
+    }
+
+    async fn create(&self, r: pb::MknodRequest, dir: bool) -> Reply<pb::EntryReply> {
         let open_in = (r.open && !dir).then_some(r.session_id);
-        self.attr_of_write(r.session_id, move |t| {
+        self.entry_write(r.session_id, r.parent, move |t| {
             let n = namei::NewNode {
                 parent: ino(r.parent)?,
                 name: &r.name,
@@ -251,19 +286,19 @@ impl Meta for MetaService {
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
-    async fn mknod(&self, req: Request<pb::MknodRequest>) -> Reply<pb::Attr> {
+    async fn mknod(&self, req: Request<pb::MknodRequest>) -> Reply<pb::EntryReply> {
         self.create(req.into_inner(), false).await
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
-    async fn mkdir(&self, req: Request<pb::MknodRequest>) -> Reply<pb::Attr> {
+    async fn mkdir(&self, req: Request<pb::MknodRequest>) -> Reply<pb::EntryReply> {
         self.create(req.into_inner(), true).await
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
-    async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Reply<pb::Attr> {
+    async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Reply<pb::EntryReply> {
         let r = req.into_inner();
-        self.attr_of_write(r.session_id, move |t| {
+        self.entry_write(r.session_id, r.parent, move |t| {
             let n = namei::NewNode {
                 parent: ino(r.parent)?,
                 name: &r.name,
@@ -280,46 +315,52 @@ impl Meta for MetaService {
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
-    async fn link(&self, req: Request<pb::LinkRequest>) -> Reply<pb::Attr> {
+    async fn link(&self, req: Request<pb::LinkRequest>) -> Reply<pb::EntryReply> {
         let r = req.into_inner();
-        self.attr_of_write(r.session_id, move |t| {
+        self.entry_write(r.session_id, r.new_parent, move |t| {
             namei::link(t, ino(r.ino)?, ino(r.new_parent)?, &r.new_name)
         })
         .await
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
-    async fn unlink(&self, req: Request<pb::NameRequest>) -> Reply<pb::Empty> {
+    async fn unlink(&self, req: Request<pb::NameRequest>) -> Reply<pb::ParentReply> {
         let r = req.into_inner();
-        self.empty_write(r.session_id, move |t| {
+        self.remove_write(r.session_id, r.parent, move |t| {
             namei::unlink(t, ino(r.parent)?, &r.name)
         })
         .await
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
-    async fn rmdir(&self, req: Request<pb::NameRequest>) -> Reply<pb::Empty> {
+    async fn rmdir(&self, req: Request<pb::NameRequest>) -> Reply<pb::ParentReply> {
         let r = req.into_inner();
-        self.empty_write(r.session_id, move |t| {
+        self.remove_write(r.session_id, r.parent, move |t| {
             namei::rmdir(t, ino(r.parent)?, &r.name)
         })
         .await
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
-    async fn rename(&self, req: Request<pb::RenameRequest>) -> Reply<pb::Empty> {
+    async fn rename(&self, req: Request<pb::RenameRequest>) -> Reply<pb::RenameReply> {
         let r = req.into_inner();
-        self.empty_write(r.session_id, move |t| {
-            let rn = rename::Rename {
-                parent: ino(r.parent)?,
-                name: &r.name,
-                new_parent: ino(r.new_parent)?,
-                new_name: &r.new_name,
-                flags: r.flags,
-            };
-            rename::rename(t, rn)
-        })
-        .await
+        let res = self
+            .write(r.session_id, move |t| {
+                let rn = rename::Rename {
+                    parent: ino(r.parent)?,
+                    name: &r.name,
+                    new_parent: ino(r.new_parent)?,
+                    new_name: &r.new_name,
+                    flags: r.flags,
+                };
+                rename::rename(t, rn)?;
+                Ok((ops::inode(t, r.parent)?, ops::inode(t, r.new_parent)?))
+            })
+            .await;
+        finish(res.map(|(p, np)| pb::RenameReply {
+            parent: Some(to_attr(&p)),
+            new_parent: Some(to_attr(&np)),
+        }))
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino))]

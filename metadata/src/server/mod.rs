@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::db::{Config, MetaDb, now_ns};
 use crate::error::Result;
@@ -51,6 +50,7 @@ pub async fn serve(
         .max_encoding_message_size(migfs_proto::MAX_MESSAGE_BYTES);
     let svc = InterceptedService::new(svc, Check(secret));
     let (stop_tx, stop_rx) = signal::channel(false);
+    let stop_rx2 = stop_rx.clone();
     let reaper = tokio::spawn(reap(db.clone(), stop_rx));
     let closer = db.clone();
     let signal = async move {
@@ -60,7 +60,9 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     };
     tracing::info!(addr = ?addr, "metadata server listening");
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // One port for both: HTTP/2 (streams, tools) and framed unary calls
+    // (the FUSE clients' hot path).
+    let incoming = migfs_proto::frame::Incoming::split(listener, svc.clone(), stop_rx2);
     let served = Server::builder()
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, signal)

@@ -142,7 +142,10 @@ impl Node {
             gid: 1000,
             ..Default::default()
         };
-        self.c.mknod(req).await.map(|r| r.into_inner())
+        self.c
+            .mknod(req)
+            .await
+            .map(|r| r.into_inner().attr.expect("mknod answers the attributes"))
     }
 
     pub async fn create(&mut self, parent: u64, name: &str) -> Attr {
@@ -160,7 +163,13 @@ impl Node {
             open: true,
             ..Default::default()
         };
-        self.c.mknod(req).await.unwrap().into_inner()
+        self.c
+            .mknod(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .attr
+            .expect("mknod answers the attributes")
     }
 
     pub async fn try_mkdir(&mut self, parent: u64, name: &[u8]) -> Result<Attr, Status> {
@@ -173,7 +182,10 @@ impl Node {
             gid: 1000,
             ..Default::default()
         };
-        self.c.mkdir(req).await.map(|r| r.into_inner())
+        self.c
+            .mkdir(req)
+            .await
+            .map(|r| r.into_inner().attr.expect("mkdir answers the attributes"))
     }
 
     pub async fn mkdir(&mut self, parent: u64, name: &str) -> Attr {
