@@ -328,6 +328,7 @@ async fn reopen_all(sh: &Shared) {
 /// Applies the invalidations the server pushes, reconnecting as needed;
 /// after any gap every cached entry is dropped.
 async fn watch_loop(sh: Arc<Shared>) {
+    let notes = sh.notifier.get().cloned().map(KernelNotes::start);
     loop {
         let req = WatchRequest {
             session_id: sh.data.meta.session(),
@@ -338,7 +339,7 @@ async fn watch_loop(sh: Arc<Shared>) {
                 let mut stream = stream.into_inner();
                 while let Some(ev) = stream.next().await {
                     match ev {
-                        Ok(inv) => apply(&sh, inv).await,
+                        Ok(inv) => apply(&sh, notes.as_ref(), inv),
                         Err(st) => {
                             tracing::debug!(code = ?st.code(), "watch stream error");
                             break;
@@ -360,18 +361,15 @@ fn forget_everything(sh: &Shared) {
     }
 }
 
-async fn apply(sh: &Arc<Shared>, inv: Invalidation) {
-    let notifier = sh.notifier.get().cloned();
+fn apply(sh: &Shared, notes: Option<&KernelNotes>, inv: Invalidation) {
     match Kind::try_from(inv.kind) {
         Ok(Kind::Inode) => {
             sh.cache.drop_attr(inv.ino);
             if let Some(f) = sh.files.lock().get(&inv.ino) {
                 f.invalidate_map();
             }
-            if let Some(n) = notifier {
-                let ino = inv.ino;
-                let _ =
-                    tokio::task::spawn_blocking(move || n.inval_inode(INodeNo(ino), 0, 0)).await;
+            if let Some(n) = notes {
+                n.send(Note::Inode(inv.ino));
             }
         }
         Ok(Kind::Entry) => {
@@ -379,14 +377,57 @@ async fn apply(sh: &Arc<Shared>, inv: Invalidation) {
             sh.cache.drop_entry(inv.parent, &name);
             sh.cache.drop_attr(inv.parent);
             sh.cache.listing_forget(inv.parent);
-            if let Some(n) = notifier {
-                let parent = inv.parent;
-                let _ = tokio::task::spawn_blocking(move || n.inval_entry(INodeNo(parent), &name))
-                    .await;
+            if let Some(n) = notes {
+                n.send(Note::Entry(inv.parent, name));
             }
         }
         Ok(Kind::All) => forget_everything(sh),
         _ => tracing::debug!(kind = inv.kind, "unknown invalidation ignored"),
+    }
+}
+
+/// One invalidation for the kernel's caches.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum Note {
+    Inode(u64),
+    Entry(u64, std::ffi::OsString),
+}
+
+/// The kernel's side of invalidations, on a thread of its own: a
+/// notification can block (the kernel may need a lock a FUSE request
+/// holds), so never on the runtime, and not a blocking-pool hand-off for
+/// each one either. What queued up is sent once each (a burst of creates in
+/// one directory invalidates that directory once).
+struct KernelNotes {
+    tx: std::sync::mpsc::Sender<Note>,
+}
+
+impl KernelNotes {
+    fn start(n: fuser::Notifier) -> KernelNotes {
+        let (tx, rx) = std::sync::mpsc::channel::<Note>();
+        let spawned = std::thread::Builder::new()
+            .name("kernel-inval".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let queued: std::collections::HashSet<Note> =
+                        std::iter::once(first).chain(rx.try_iter()).collect();
+                    for note in queued {
+                        // ENOENT (the kernel does not know it) is fine.
+                        let _ = match note {
+                            Note::Inode(ino) => n.inval_inode(INodeNo(ino), 0, 0),
+                            Note::Entry(parent, name) => n.inval_entry(INodeNo(parent), &name),
+                        };
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no kernel invalidation thread: kernel caches live out their TTL");
+        }
+        KernelNotes { tx }
+    }
+
+    fn send(&self, note: Note) {
+        let _ = self.tx.send(note);
     }
 }
 

@@ -162,6 +162,12 @@ impl MetaDb {
         op(self.store.as_ref())
     }
 
+    /// Whether operations are answered from memory (see
+    /// [`MetaStore::in_memory`]).
+    pub fn in_memory(&self) -> bool {
+        self.store.in_memory()
+    }
+
     /// Makes everything applied so far durable.
     pub fn flush(&self) -> Result<()> {
         self.store.flush()

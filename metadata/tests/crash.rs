@@ -65,9 +65,10 @@ fn main() {
 fn child_server(db: &Path) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        // The server's own store: memory in front, sled written behind.
+        // The server's own store (as `migfs meta` opens it): memory in
+        // front, every change logged, sled written behind.
         let disk = Arc::new(SledStore::open(db).expect("open db"));
-        let store = Arc::new(WriteBehind::open(disk).expect("load db"));
+        let store = Arc::new(WriteBehind::open_logged(disk, db).expect("load db"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -147,7 +148,10 @@ async fn register(c: &mut Client, name: &str) -> Result<u64> {
 }
 
 fn fsck(db: &Path) -> Result<()> {
-    let store = Arc::new(SledStore::open(db)?);
+    // Opened as the server would be after the crash: the change log's
+    // records the store lacks are applied first.
+    let disk = Arc::new(SledStore::open(db)?);
+    let store = Arc::new(WriteBehind::open_logged(disk, db)?);
     let db = MetaDb::open(store, Config::default())?;
     let problems = db.read(|s| migfs_meta::fsck::check(s))?;
     ensure!(
@@ -457,6 +461,7 @@ async fn one_op(
                 c.release(pb::ReleaseRequest {
                     session_id: sid,
                     ino,
+                    also: Vec::new(),
                 })
                 .await?;
             } else {

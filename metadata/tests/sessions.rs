@@ -454,3 +454,25 @@ async fn sled_server_keeps_everything_across_a_restart() {
     assert!(fsck(&s.db).is_empty(), "{:?}", fsck(&s.db));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn one_release_call_can_carry_many_closes() {
+    let s = TestServer::start(Config::default()).await;
+    let mut a = s.node("a").await;
+    let mut b = s.node("b").await;
+    let f = a.create_open(ROOT, "f").await;
+    let g = a.create_open(ROOT, "g").await;
+    a.open(f.ino).await.unwrap();
+    b.unlink(ROOT, "f").await.unwrap();
+    b.unlink(ROOT, "g").await.unwrap();
+    // Two closes of f and one of g in one call: both orphans go.
+    let req = pb::ReleaseRequest {
+        session_id: a.sid,
+        ino: f.ino,
+        also: vec![g.ino, f.ino],
+    };
+    a.c.release(req).await.unwrap();
+    assert_eq!(errno(b.getattr(f.ino).await), libc::ENOENT);
+    assert_eq!(errno(b.getattr(g.ino).await), libc::ENOENT);
+    assert!(fsck(&s.db).is_empty(), "{:?}", fsck(&s.db));
+}

@@ -11,6 +11,7 @@
 //! - [`control`]: the hidden `/.migfs` directory (`by-inode/<ino>`, `stats`).
 
 pub mod attr;
+pub mod closes;
 pub mod control;
 pub mod data;
 pub mod ops;
@@ -66,12 +67,15 @@ pub struct Shared {
     locked: Mutex<std::collections::HashSet<(u64, u64)>>,
     /// Extra `name value` lines of `/.migfs/stats` (node name, agent socket).
     pub info: Vec<(String, String)>,
+    /// Releases of closed files on their way to the metadata server.
+    pub closes: closes::Closes,
 }
 
 impl Shared {
     /// State over `data` (whose cache is the user-space metadata cache).
     pub fn new(data: DataCtx, ttls: Ttls) -> Shared {
         Shared {
+            closes: closes::Closes::new(Arc::clone(&data.meta)),
             cache: Arc::clone(&data.cache),
             data,
             files: Mutex::new(HashMap::new()),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use fuser::{FileHandle, Request};
 use migfs_proto::meta::{
     Attr, Empty, EntryReply, FallocateRequest, InoRequest, LinkRequest, LockReply, LockRequest,
-    LookupRequest, MknodRequest, NameRequest, OpenRequest, ReadDirRequest, ReleaseRequest,
-    RenameRequest, SetAttrRequest, SetXattrRequest, StatFsReply, SymlinkRequest, XattrRequest,
+    LookupRequest, MknodRequest, NameRequest, OpenRequest, ReadDirRequest, RenameRequest,
+    SetAttrRequest, SetXattrRequest, StatFsReply, SymlinkRequest, XattrRequest,
 };
 
 use super::Shared;
@@ -542,19 +542,7 @@ pub async fn release(sh: &Shared, ino: u64, fh: FileHandle, owner: Option<u64>) 
             files.remove(&ino);
         }
     }
-    let req = ReleaseRequest {
-        session_id: sh.data.meta.session(),
-        ino,
-    };
-    let meta = Arc::clone(&sh.data.meta);
-    tokio::spawn(async move {
-        if let Err(e) = meta
-            .call("release", |mut c| async move { c.release(req).await })
-            .await
-        {
-            tracing::warn!(ino, error = %e, "release not recorded by the metadata server");
-        }
-    });
+    sh.closes.release(ino);
     res
 }
 

@@ -61,24 +61,33 @@ impl MetaService {
         }
     }
 
-    /// Runs a mutating operation for session `origin` on a blocking thread.
+    /// Runs a mutating operation for session `origin`: at once when the
+    /// store answers from memory, else on a blocking thread.
     async fn write<R, F>(&self, origin: u64, op: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut Txn<'_>) -> Result<R> + Send + 'static,
     {
+        // From memory an operation takes microseconds: a hand-off to the
+        // blocking pool would cost more than it.
+        if self.db.in_memory() {
+            return self.db.write(origin, op);
+        }
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.write(origin, op))
             .await
             .map_err(|err| MetaError::Internal(format!("operation task failed: {err}")))?
     }
 
-    /// Runs a read-only operation on a blocking thread.
+    /// Runs a read-only operation (like [`Self::write`]).
     async fn read<R, F>(&self, op: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&dyn MetaStore) -> Result<R> + Send + 'static,
     {
+        if self.db.in_memory() {
+            return self.db.read(op);
+        }
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.read(op))
             .await
@@ -414,7 +423,11 @@ impl Meta for MetaService {
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Reply<pb::Empty> {
         let r = req.into_inner();
         self.empty_write(r.session_id, move |t| {
-            sessions::release(t, r.session_id, ino(r.ino)?)
+            sessions::release(t, r.session_id, ino(r.ino)?)?;
+            for &i in &r.also {
+                sessions::release(t, r.session_id, ino(i)?)?;
+            }
+            Ok(())
         })
         .await
     }

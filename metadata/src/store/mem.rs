@@ -74,4 +74,8 @@ impl MetaStore for MemStore {
     fn next_id(&self) -> Result<u64> {
         Ok(self.ids.fetch_add(1, Ordering::Relaxed))
     }
+
+    fn in_memory(&self) -> bool {
+        true
+    }
 }

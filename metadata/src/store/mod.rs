@@ -7,6 +7,7 @@
 //! implementation.
 
 mod behind;
+mod log;
 mod mem;
 mod sled;
 
@@ -81,4 +82,10 @@ pub trait MetaStore: Send + Sync {
     /// A fresh id, greater than every id returned before, also across a
     /// restart of the store. The first is at least 1.
     fn next_id(&self) -> Result<u64>;
+
+    /// Whether reads and applies are answered from memory (no disk I/O on
+    /// the caller's thread), so a server may run them on its async tasks.
+    fn in_memory(&self) -> bool {
+        false
+    }
 }

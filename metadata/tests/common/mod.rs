@@ -254,6 +254,7 @@ impl Node {
         let req = pb::ReleaseRequest {
             session_id: self.sid,
             ino,
+            also: Vec::new(),
         };
         self.c.release(req).await.map(|_| ())
     }

@@ -67,7 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         let disk = SledStore::open(&a.db)
             .with_context(|| format!("open the metadata database {}", a.db.display()))?;
-        let store = WriteBehind::open(Arc::new(disk))
+        let store = WriteBehind::open_logged(Arc::new(disk), &a.db)
             .with_context(|| format!("load the metadata database {}", a.db.display()))?;
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
