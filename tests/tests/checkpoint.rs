@@ -655,6 +655,67 @@ fn vdso_clocks_keep_working_at_the_same_address_(static_: bool) {
     );
 }
 
+/// The counters of the last complete line `ckpt_itimer` wrote:
+/// (alrm, prof, real interval µs, prof interval µs).
+fn itimer_state(path: &Path) -> (i64, i64, i64, i64) {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("prof_us="))
+        .unwrap_or("");
+    let field = |k: &str| -> i64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1)
+    };
+    (
+        field("alrm="),
+        field("prof="),
+        field("real_us="),
+        field("prof_us="),
+    )
+}
+
+#[test]
+fn interval_timers_keep_firing_with_their_intervals_after_restore() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("timers.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_itimer", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(
+        within(5000, || {
+            let (a, f, _, _) = itimer_state(&out);
+            a >= 3 && f >= 3
+        }),
+        "the timers do not fire before the checkpoint: {:?}",
+        itimer_state(&out)
+    );
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let (a0, f0, _, _) = itimer_state(&out);
+    let r = restore(&img, &[]);
+    // SIGALRM every 20 ms and SIGPROF every 10 ms of CPU keep coming: the
+    // timers were armed again, with their intervals.
+    assert!(
+        within(5000, || {
+            let (a, f, _, _) = itimer_state(&out);
+            a >= a0 + 10 && f >= f0 + 10
+        }),
+        "timers stopped at the restore: before {:?}, now {:?}",
+        (a0, f0),
+        itimer_state(&out)
+    );
+    let (_, _, real_us, prof_us) = itimer_state(&out);
+    assert_eq!((real_us, prof_us), (20_000, 10_000));
+    drop(r);
+}
+
 fn wait_lines_text(path: &Path, n: usize) {
     assert!(
         within(5000, || fs::read_to_string(path)

@@ -103,6 +103,7 @@ pub fn capture(
         .map(|t| regs::capture_thread(pid, t, &remote))
         .collect::<Result<Vec<_>, _>>()?;
     let sigactions = signals::sigactions(pid, &remote)?;
+    let itimers = signals::itimers(pid, &remote)?;
     let shared_pending = signals::shared_pending(pid)?;
     let t_regs = t0.elapsed();
     let (fds, locks) = files::fds(&mut ctx, &opts.relay_pipes)?;
@@ -144,6 +145,7 @@ pub fn capture(
         shared_pending,
         cpu: Some(cpu),
         pages_size: pages.size(),
+        itimers,
     };
     drop(pages);
     let image_bytes = persist::write_image(dir, &img)?;

@@ -1,7 +1,8 @@
 //! Signal dispositions (asked of the process with `rt_sigaction`, since
-//! no /proc file shows handler addresses) and the shared pending queue.
+//! no /proc file shows handler addresses), the shared pending queue, and
+//! the interval timers that send signals (`getitimer`, asked the same way).
 
-use migfs_proto::image::{PendingSignal, SigAction};
+use migfs_proto::image::{ITimer, PendingSignal, SigAction};
 use nix::unistd::Pid;
 
 use super::remote::Remote;
@@ -52,6 +53,39 @@ pub fn sigactions(pid: Pid, remote: &Remote) -> Result<Vec<SigAction>, CaptureEr
             restorer: word(2),
             mask: word(3),
         });
+    }
+    Ok(out)
+}
+
+/// The armed `setitimer` timers (real, virtual, profiling) with the time
+/// left on each. A real timer keeps running while the process is frozen;
+/// the restore arms it with what was left here.
+pub fn itimers(pid: Pid, remote: &Remote) -> Result<Vec<ITimer>, CaptureError> {
+    let mut out = Vec::new();
+    for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
+        let (ret, raw) = remote.call(
+            pid,
+            libc::SYS_getitimer,
+            |s| [u64::from(which.unsigned_abs()), s, 0, 0, 0, 0],
+            &[],
+            32,
+        )?;
+        ret.map_err(|errno| CaptureError::Sys {
+            pid: pid.as_raw(),
+            what: format!("getitimer({which})"),
+            errno,
+        })?;
+        let word =
+            |i: usize| i64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let (interval_us, value_us) =
+            (word(0) * 1_000_000 + word(1), word(2) * 1_000_000 + word(3));
+        if value_us != 0 {
+            out.push(ITimer {
+                which: which.unsigned_abs(),
+                interval_us,
+                value_us,
+            });
+        }
     }
     Ok(out)
 }

@@ -150,6 +150,15 @@ pub enum Call<'a> {
         /// Mask during the handler.
         mask: u64,
     },
+    /// `setitimer(which, {interval, value}, NULL)`.
+    SetITimer {
+        /// ITIMER_*.
+        which: u32,
+        /// Period, µs.
+        interval_us: i64,
+        /// Time until it fires, µs.
+        value_us: i64,
+    },
     /// `set_tid_address`.
     SetTidAddress {
         /// clear_child_tid.

@@ -212,6 +212,7 @@ fn rest<T: Target>(
     files::take_locks(t, img, r)?;
     steps.mark("files");
     state::sigactions(t, img)?;
+    state::itimers(t, img)?;
     let tids = state::threads(t, img, opts.require_pid)?;
     steps.mark("threads");
     state::process_state(t, img)?;

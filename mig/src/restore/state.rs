@@ -48,6 +48,21 @@ pub fn sigactions<T: Target>(t: &mut T, img: &Image) -> Result<(), RestoreError>
     Ok(())
 }
 
+/// Arms the interval timers again with the time they had left (after the
+/// handlers are in place; "signal handlers" step).
+pub fn itimers<T: Target>(t: &mut T, img: &Image) -> Result<(), RestoreError> {
+    for it in &img.itimers {
+        let call = Call::SetITimer {
+            which: it.which,
+            interval_us: it.interval_us,
+            value_us: it.value_us,
+        };
+        t.call(0, &call)
+            .map_err(err(Step::Signals, format!("setitimer({})", it.which)))?;
+    }
+    Ok(())
+}
+
 /// Creates the other threads (with their old ids when free) and sets the
 /// per-thread state of all ("threads" step). Returns the thread ids.
 pub fn threads<T: Target>(

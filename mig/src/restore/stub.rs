@@ -361,6 +361,25 @@ fn encode(call: &Call<'_>, s: u64) -> (i64, [u64; 6], Vec<u8>) {
             [signo.into(), s, 0, 8, 0, 0],
             words(&[handler, flags, restorer, mask]),
         ),
+        Call::SetITimer {
+            which,
+            interval_us,
+            value_us,
+        } => {
+            let tv = |us: i64| {
+                [
+                    (us / 1_000_000).cast_unsigned(),
+                    (us % 1_000_000).cast_unsigned(),
+                ]
+            };
+            let [a, b] = tv(interval_us);
+            let [c, d] = tv(value_us);
+            (
+                libc::SYS_setitimer,
+                [which.into(), s, 0, 0, 0, 0],
+                words(&[a, b, c, d]),
+            )
+        }
         Call::SetTidAddress { addr } => (libc::SYS_set_tid_address, [addr, 0, 0, 0, 0, 0], vec![]),
         Call::SetRobustList { head, len } => {
             (libc::SYS_set_robust_list, [head, len, 0, 0, 0, 0], vec![])

@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000)]
     lease_ms: u64,
     /// Block size of a new database (an existing one keeps its own).
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, env = "MIGFS_BLOCK_SIZE", default_value_t = 65536)]
     block_size: u32,
     /// Copies of each block nodes keep, for a new database.
     #[arg(long, default_value_t = 2)]
