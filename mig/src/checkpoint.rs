@@ -8,6 +8,10 @@ use std::time::{Duration, Instant};
 use nix::unistd::Pid;
 
 use crate::capture::{self, CaptureOptions, CaptureStats};
+
+/// Deleted files up to this size travel in the image (see
+/// [`CaptureOptions::ghost_limit`]).
+pub const GHOST_LIMIT: u64 = 64 << 20;
 use crate::error::{FreezeError, MigError};
 use crate::freeze;
 use crate::sys::procfs;
@@ -28,7 +32,10 @@ impl Default for CheckpointOptions {
         CheckpointOptions {
             leave_running: false,
             freeze_timeout: Duration::from_secs(10),
-            capture: CaptureOptions::default(),
+            capture: CaptureOptions {
+                ghost_limit: GHOST_LIMIT,
+                ..CaptureOptions::default()
+            },
         }
     }
 }

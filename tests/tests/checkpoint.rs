@@ -1440,3 +1440,66 @@ fn a_non_root_process_gets_exactly_its_credentials_back() {
     drop(r);
     assert_sequence(&out);
 }
+
+/// The numbers a `ckpt_quiet` process has written to its fd 7, read
+/// through /proc on `node`.
+fn fd7_numbers(c: &Cluster, node: &str, pid: &str) -> Vec<u64> {
+    let o = c.exec(node, &["cat", &format!("/proc/{pid}/fd/7")]);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+fn assert_counts_up(v: &[u64]) {
+    for (i, &x) in v.iter().enumerate() {
+        assert_eq!(x, i as u64, "gap or duplicate at line {i}");
+    }
+}
+
+#[test]
+fn unlinked_migfs_file_comes_back_from_its_ghost_after_a_plain_checkpoint() {
+    let Some(c) = cluster() else { return };
+    let m = bin_str();
+    let quiet = prog("ckpt_quiet", false);
+    let pid = start_on(
+        &c,
+        "n1",
+        &[quiet.to_str().unwrap(), "/migfs/gone.txt", "unlink"],
+    )
+    .to_string();
+    assert!(within(10_000, || fd7_numbers(&c, "n1", &pid).len() >= 10));
+    // A plain checkpoint ends the original, the last holder of the
+    // unlinked file: only the copy in the image keeps its content.
+    c.exec_ok("n1", &[&m, "checkpoint", &pid, "--to", "/migfs/img"]);
+    let ghosts: Vec<_> = fs::read_dir(c.path("n1", "img"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ghost-"))
+        .collect();
+    assert_eq!(ghosts.len(), 1, "one ghost in the image");
+    let restored = c
+        .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img"])
+        .trim()
+        .to_owned();
+    let link = c.exec_ok("n2", &["readlink", &format!("/proc/{restored}/fd/7")]);
+    assert!(link.trim().ends_with("(deleted)"), "fd 7 is {link}");
+    let n = fd7_numbers(&c, "n2", &restored).len();
+    assert!(
+        within(10_000, || fd7_numbers(&c, "n2", &restored).len() >= n + 20),
+        "the copy on n2 does not write"
+    );
+    let v = fd7_numbers(&c, "n2", &restored);
+    c.exec_ok("n2", &["kill", "-9", &restored]);
+    assert_counts_up(&v);
+    // The file made again from the ghost is not left in the namespace.
+    let names: Vec<String> = fs::read_dir(c.path("n2", ""))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with(".migfs-restored-")),
+        "{names:?}"
+    );
+}

@@ -110,6 +110,7 @@ impl FileCtx {
             rdev: meta.rdev(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
             ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            ghost: String::new(),
         };
         if hash && meta.is_file() && meta.size() <= self.hash_limit {
             let key = key(&meta);

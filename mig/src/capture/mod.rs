@@ -9,6 +9,7 @@
 //! - [`remote`]: running single calls inside the frozen process.
 
 pub mod files;
+mod ghost;
 pub mod mm;
 pub mod process;
 pub mod regs;
@@ -37,6 +38,10 @@ pub struct CaptureOptions {
     /// Inode numbers of pipes a migration agent feeds (a task's stdin
     /// relay): their read ends are recorded as relay pipes, not refused.
     pub relay_pipes: Vec<u64>,
+    /// Copy deleted files up to this size into the image (ghosts); 0:
+    /// none (a migration: the target reopens them by inode while the
+    /// frozen original still holds them).
+    pub ghost_limit: u64,
 }
 
 impl Default for CaptureOptions {
@@ -45,6 +50,7 @@ impl Default for CaptureOptions {
             hash_limit: 64 << 20,
             lazy_anon: false,
             relay_pipes: Vec::new(),
+            ghost_limit: 0,
         }
     }
 }
@@ -121,6 +127,8 @@ pub fn capture(
         &flags,
     )?;
     let t_mm = t0.elapsed();
+    let mut fds = fds;
+    ghost::copy_deleted(pid, dir, opts.ghost_limit, &mut fds)?;
     let xsave0 = &threads[0].xsave;
     let cpu = Cpu {
         xfeatures: xsave::xfeatures(xsave0).unwrap_or(0),

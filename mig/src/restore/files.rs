@@ -5,7 +5,8 @@
 //! working directory and locks inside the target.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
 use migfs_proto::image::{FdKind, FileRef, Image, LockKind};
 
@@ -17,6 +18,9 @@ use crate::error::{RestoreCause, RestoreError, Step};
 #[derive(Clone, Debug, Default)]
 pub struct Resolved {
     paths: HashMap<(u64, u64), String>,
+    /// Deleted files made again from their ghosts: removed (unlinked) once
+    /// the process has them open ([`Resolved::remove_ghosts`]).
+    ghosts: Vec<std::path::PathBuf>,
     /// The image's executable is the file this restorer runs from: the
     /// stub cannot switch /proc/PID/exe to it (the kernel refuses while
     /// the old one is still mapped), and it already is the same file.
@@ -34,6 +38,16 @@ impl Resolved {
     /// Records a path (tests).
     pub fn insert(&mut self, f: &FileRef, path: &str) {
         self.paths.insert((f.dev, f.ino), path.to_owned());
+    }
+
+    /// Unlinks the files made from ghosts: the process's descriptors keep
+    /// them, as deleted files, as before the checkpoint.
+    pub fn remove_ghosts(&self) {
+        for p in &self.ghosts {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(path = %p.display(), error = %e, "a restored deleted file stays visible");
+            }
+        }
     }
 }
 
@@ -61,15 +75,34 @@ fn file_uses(img: &Image) -> Vec<(String, &FileRef)> {
     out
 }
 
-/// Finds and checks every file of `img` ("check files" step).
-pub fn resolve(img: &Image) -> Result<Resolved, RestoreError> {
+/// Finds and checks every file of the image in `dir` ("check files"
+/// step). Deleted files that are gone are made again from their ghosts:
+/// call [`Resolved::remove_ghosts`] when the restore is over.
+pub fn resolve(img: &Image, dir: &Path) -> Result<Resolved, RestoreError> {
     let mut r = Resolved::default();
+    let res = resolve_into(&mut r, img, dir);
+    if res.is_err() {
+        r.remove_ghosts();
+    }
+    res.map(|()| r)
+}
+
+fn resolve_into(r: &mut Resolved, img: &Image, dir: &Path) -> Result<(), RestoreError> {
     for (who, f) in file_uses(img) {
         if r.paths.contains_key(&(f.dev, f.ino)) {
             continue;
         }
-        let path = locate(f).map_err(|why| refused(Step::CheckFiles, format!("{who}: {why}")))?;
-        verify(f, &path).map_err(|why| refused(Step::CheckFiles, format!("{who}: {why}")))?;
+        let why = |why| refused(Step::CheckFiles, format!("{who}: {why}"));
+        let path = match locate(f) {
+            Ok(p) if std::fs::metadata(&p).is_ok() || f.ghost.is_empty() => p,
+            Ok(_) | Err(_) if !f.ghost.is_empty() => {
+                let p = from_ghost(f, dir).map_err(why)?;
+                r.ghosts.push(p.clone().into());
+                p
+            }
+            other => other.map_err(why)?,
+        };
+        verify(f, &path).map_err(why)?;
         r.paths.insert((f.dev, f.ino), path);
     }
     if let Some(exe) = img.process.as_ref().and_then(|p| p.exe.as_ref()) {
@@ -81,7 +114,39 @@ pub fn resolve(img: &Image) -> Result<Resolved, RestoreError> {
             .ok();
         r.exe_is_ours = ours.is_some() && ours == theirs;
     }
-    Ok(r)
+    Ok(())
+}
+
+/// Makes a deleted file again from its ghost, in its old directory (else
+/// in its migfs mount's root, else the temporary directory), with its old
+/// permissions; returns the path (unlinked after the restore).
+fn from_ghost(f: &FileRef, dir: &Path) -> Result<String, String> {
+    let old = Path::new(&f.path);
+    let place = old
+        .parent()
+        .filter(|p| p.is_dir())
+        .map(Path::to_path_buf)
+        .or_else(|| f.migfs.as_ref().map(|m| m.mountpoint.clone().into()))
+        .unwrap_or_else(std::env::temp_dir);
+    let name = format!(
+        ".migfs-restored-{}-{}",
+        std::process::id(),
+        old.file_name()
+            .map_or("file".into(), |n| n.to_string_lossy())
+    );
+    let path = place.join(name);
+    let src = dir.join(&f.ghost);
+    std::fs::copy(&src, &path).map_err(|e| {
+        format!(
+            "{} was deleted; making it again from {} at {}: {e}",
+            f.path,
+            src.display(),
+            path.display()
+        )
+    })?;
+    let perm = std::fs::Permissions::from_mode(f.mode & 0o7777);
+    std::fs::set_permissions(&path, perm).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
 fn refused(step: Step, why: String) -> RestoreError {

@@ -84,14 +84,28 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
 pub fn restore_with(
     dir: &Path,
     opts: &RestoreOptions,
-    mut extras: Extras,
+    extras: Extras,
 ) -> Result<Restored, RestoreError> {
     let t0 = Instant::now();
     let persist::ImageDir { image, pages } = persist::read_image(dir)
         .map_err(|e| RestoreError::new(Step::ReadImage, RestoreCause::Image(e)))?;
     check_lazy(&image, &extras)?;
     check_vdso(&image)?;
-    let resolved = files::resolve(&image)?;
+    let resolved = files::resolve(&image, dir)?;
+    let res = restore_resolved(opts, extras, t0, &image, &pages, &resolved);
+    resolved.remove_ghosts();
+    res
+}
+
+/// [`restore_with`] once the files are found.
+fn restore_resolved(
+    opts: &RestoreOptions,
+    mut extras: Extras,
+    t0: Instant,
+    image: &Image,
+    pages: &PagesReader,
+    resolved: &files::Resolved,
+) -> Result<Restored, RestoreError> {
     let ours = own_creds()?;
     let prepare = t0.elapsed();
     let avoid: Vec<(u64, u64)> = image
@@ -107,15 +121,7 @@ pub fn restore_with(
         stub_ms = (t0.elapsed() - prepare).as_secs_f64() * 1e3,
         "image read, files checked, stub ready"
     );
-    match rebuild(
-        &mut stub,
-        &image,
-        &resolved,
-        &pages,
-        opts,
-        &ours,
-        &mut extras,
-    ) {
+    match rebuild(&mut stub, image, resolved, pages, opts, &ours, &mut extras) {
         Ok(stats) => {
             let pid = stub.release().map_err(|e| {
                 RestoreError::new(Step::Resume, files::cause("let it run".into(), e))
