@@ -237,18 +237,7 @@ fn write_behind_writes_everything_to_disk_and_loads_it_back() {
     {
         let disk = Arc::new(SledStore::open(dir.path()).unwrap());
         let s = WriteBehind::open(disk.clone()).unwrap();
-        for i in 0..2000u64 {
-            let mut b = Batch::new();
-            b.put(
-                Tree::Inodes,
-                i.to_be_bytes().to_vec(),
-                i.to_le_bytes().to_vec(),
-            );
-            if i % 2 == 1 {
-                b.remove(Tree::Inodes, (i - 1).to_be_bytes().to_vec());
-            }
-            s.apply(&b).unwrap();
-        }
+        logged_batches(&s, 2000);
         s.flush().unwrap();
         // After flush the durable store holds every batch, in order.
         assert_eq!(
@@ -271,7 +260,7 @@ fn write_behind_writes_everything_to_disk_and_loads_it_back() {
 conformance!(logged: get_put_remove, scan_is_ordered_bounded_and_limited,
     batch_applies_every_write_in_order, ids_increase, large_batch_over_every_tree);
 
-/// The store holds, in order, every key `logged_batches` wrote.
+/// The store holds, in order, every key [`logged_batches`] wrote.
 fn holds_logged_batches(s: &dyn MetaStore, n: u64) {
     let all = s.scan(Tree::Inodes, &[], None, usize::MAX).unwrap();
     assert_eq!(all.len() as u64, n / 2);
@@ -282,6 +271,7 @@ fn holds_logged_batches(s: &dyn MetaStore, n: u64) {
     );
 }
 
+/// Batch i writes key i and removes key i - 1 when i is odd.
 fn logged_batches(s: &dyn MetaStore, n: u64) {
     for i in 0..n {
         let mut b = Batch::new();

@@ -461,7 +461,7 @@ impl Incoming {
     pub fn split<S, B>(
         listener: TcpListener,
         svc: S,
-        stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
     ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TcpStream>>
     where
         S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
@@ -473,51 +473,35 @@ impl Incoming {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(accept_loop(listener, svc, stop, tx));
-        tokio_stream::wrappers::ReceiverStream::new(rx)
-    }
-}
-
-async fn accept_loop<S, B>(
-    listener: TcpListener,
-    svc: S,
-    mut stop: watch::Receiver<bool>,
-    http2: mpsc::Sender<std::io::Result<TcpStream>>,
-) where
-    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    loop {
-        let (s, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and the like: keep serving the connections we have.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stopped(&mut stop) => return,
-        };
-        let _ = s.set_nodelay(true);
-        let (svc, stop, http2) = (svc.clone(), stop.clone(), http2.clone());
+        let (http2, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            match sniff(&s).await {
-                Some(true) => serve_conn(s, svc, stop).await,
-                Some(false) => {
-                    let _ = http2.send(Ok(s)).await;
-                }
-                None => tracing::debug!(%peer, "connection closed before it said anything"),
+            loop {
+                let (s, peer) = tokio::select! {
+                    a = listener.accept() => match a {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // EMFILE and the like: keep serving the connections we have.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    () = stopped(&mut stop) => return,
+                };
+                let _ = s.set_nodelay(true);
+                let (svc, stop, http2) = (svc.clone(), stop.clone(), http2.clone());
+                tokio::spawn(async move {
+                    match sniff(&s).await {
+                        Some(true) => serve_conn(s, svc, stop).await,
+                        Some(false) => {
+                            let _ = http2.send(Ok(s)).await;
+                        }
+                        None => tracing::debug!(%peer, "connection closed before it said anything"),
+                    }
+                });
             }
         });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
     }
 }
 

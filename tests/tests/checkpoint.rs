@@ -1311,13 +1311,7 @@ fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
     )
     .to_string();
     // Empty until the program has set up fd 7 (polled below).
-    let lines = |node: &str, pid: &str| -> Vec<u64> {
-        let o = c.exec(node, &["cat", &format!("/proc/{pid}/fd/7")]);
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect()
-    };
+    let lines = |node: &str, pid: &str| fd7_numbers(&c, node, pid);
     assert!(within(10_000, || lines("n1", &pid).len() >= 10));
     assert!(!c.path("n1", "gone.txt").exists());
     c.exec_ok("n1", &["kill", "-USR2", &pid]);
@@ -1348,9 +1342,7 @@ fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
     );
     let v = lines("n2", &restored);
     c.exec_ok("n2", &["kill", "-9", &restored]);
-    for (i, &x) in v.iter().enumerate() {
-        assert_eq!(x, i as u64, "gap or duplicate at line {i}");
-    }
+    assert_counts_up(&v);
 }
 
 #[test]
