@@ -6,13 +6,17 @@
 //! - [`lazy`]: the target's userfaultfd handler that fills the lazy ranges
 //!   on first touch, by a push, or before the process runs (preload);
 //! - [`dirty`]: dirty-page tracking of a running process for pre-copy;
-//! - [`ranges`]: the address-range arithmetic they share.
+//! - [`ranges`]: the address-range arithmetic they share;
+//! - [`wire`]: the page channel (raw TCP, [`frame`]s) between the
+//!   source's page server and the target.
 
 pub mod dirty;
 mod fill;
+pub mod frame;
 pub mod lazy;
 pub mod ranges;
 pub mod source;
+pub mod wire;
 
 use migfs_proto::image::{Image, VmaKind};
 
