@@ -137,7 +137,7 @@ pub(crate) struct Inner {
     /// Moves this node is the source of, by move id (page servers).
     pub(crate) sources: Mutex<HashMap<u64, Arc<source::Serving>>>,
     /// Memory pre-copied to this node, by move id, until its Receive.
-    pub(crate) precopies: Mutex<HashMap<u64, Arc<precopy::Store>>>,
+    pub(crate) precopies: Mutex<HashMap<u64, Arc<crate::pages::Store>>>,
     /// Stdin relays of the tasks running here, by task id.
     pub(crate) stdins: Arc<stdin::Relays>,
     next_move: AtomicU64,

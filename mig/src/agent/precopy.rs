@@ -15,13 +15,11 @@
 //! installs the rest of it, so only stale pages come from the source, or
 //! none at all after a complete pre-copy.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use migfs_proto::agent::{self as pb};
 use nix::unistd::Pid;
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,7 +27,7 @@ use tonic::{Status, Streaming};
 
 use super::{AgentClient, AgentError, Inner};
 use crate::pages::ranges::{intersect, normalize, subtract, total};
-use crate::pages::{LazyPages, PageFetch, PageSource, Tracker};
+use crate::pages::{PageFetch, PageSource, Store, Tracker};
 
 const PAGE: u64 = 4096;
 /// Bytes per message.
@@ -208,104 +206,6 @@ pub fn ranges_of(r: &[pb::PageRange]) -> Vec<(u64, u64)> {
     normalize(r.iter().map(|r| (r.start, r.end)).collect())
 }
 
-/// Pre-copied pages of one move on the target, by address.
-pub struct Store {
-    pages: Mutex<HashMap<u64, Box<[u8]>>>,
-    born: Instant,
-}
-
-impl Store {
-    fn new() -> Store {
-        Store {
-            pages: Mutex::new(HashMap::new()),
-            born: Instant::now(),
-        }
-    }
-
-    /// Forgets the pages in `ranges`.
-    pub fn discard(&self, ranges: &[(u64, u64)]) {
-        let mut p = self.pages.lock();
-        for &(s, e) in ranges {
-            if (e - s) / PAGE < p.len() as u64 {
-                for a in (s..e).step_by(4096) {
-                    p.remove(&a);
-                }
-            } else {
-                p.retain(|a, _| *a < s || *a >= e);
-            }
-        }
-    }
-
-    fn put(&self, addr: u64, data: &[u8]) -> Result<(), String> {
-        if !addr.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
-            return Err(format!(
-                "pre-copied run {addr:#x}+{} not page-aligned",
-                data.len()
-            ));
-        }
-        let mut p = self.pages.lock();
-        for (i, page) in data.chunks(4096).enumerate() {
-            p.insert(addr + i as u64 * PAGE, page.into());
-        }
-        Ok(())
-    }
-
-    /// Pages kept.
-    pub fn len(&self) -> u64 {
-        self.pages.lock().len() as u64
-    }
-
-    /// The `len` bytes at `addr` if every page is kept; with `zero_fill`,
-    /// missing pages read as zeros.
-    fn read(&self, addr: u64, len: usize, zero_fill: bool) -> Option<Vec<u8>> {
-        let p = self.pages.lock();
-        let mut out = vec![0u8; len];
-        for (i, chunk) in out.chunks_mut(4096).enumerate() {
-            match p.get(&(addr + i as u64 * PAGE)) {
-                Some(page) => chunk.copy_from_slice(&page[..chunk.len()]),
-                None if zero_fill => {}
-                None => return None,
-            }
-        }
-        Some(out)
-    }
-
-    /// Installs every kept page the process does not have yet, in runs;
-    /// returns the pages newly installed. The pages stay readable by the
-    /// fault handler until all are installed (one it serves meanwhile
-    /// must not read as missing); the store is empty afterwards.
-    pub fn install_all(&self, lazy: &LazyPages) -> Result<u64, String> {
-        let mut addrs: Vec<u64> = self.pages.lock().keys().copied().collect();
-        addrs.sort_unstable();
-        let mut n = 0;
-        let mut i = 0;
-        while i < addrs.len() {
-            let start = addrs[i];
-            let mut buf = Vec::with_capacity(1 << 20);
-            {
-                let p = self.pages.lock();
-                while i < addrs.len()
-                    && addrs[i] == start + buf.len() as u64
-                    && (buf.len() as u64) < CHUNK
-                {
-                    if let Some(page) = p.get(&addrs[i]) {
-                        buf.extend_from_slice(page);
-                    }
-                    i += 1;
-                }
-            }
-            if buf.is_empty() {
-                continue;
-            }
-            n += lazy
-                .install(start, &buf)
-                .map_err(|e| format!("install pre-copied {start:#x}: {e}"))?;
-        }
-        self.pages.lock().clear();
-        Ok(n)
-    }
-}
-
 /// Takes a Precopy stream into the move's store.
 pub async fn receive(
     inner: &Inner,
@@ -320,7 +220,7 @@ pub async fn receive(
         }
         let s = store.get_or_insert_with(|| {
             let mut all = inner.precopies.lock();
-            all.retain(|_, s| s.born.elapsed() < STORE_TTL);
+            all.retain(|_, s| s.age() < STORE_TTL);
             Arc::clone(
                 all.entry(m.move_id)
                     .or_insert_with(|| Arc::new(Store::new())),

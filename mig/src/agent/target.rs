@@ -17,9 +17,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::precopy::{self, Store, StoreFirst};
+use super::precopy::{self, StoreFirst};
 use super::{AgentClient, AgentError, EventStream, Inner};
 use crate::image::format::{IMAGE_FILE, PAGES_FILE};
+use crate::pages::Store;
 use crate::pages::wire::{self, Link};
 use crate::pages::{LazyConfig, LazyPages, PageFetch, Preload};
 use crate::restore::{Extras, RestoreOptions};

@@ -7,6 +7,7 @@
 //!   on first touch, by a push, or before the process runs (preload);
 //! - [`dirty`]: dirty-page tracking of a running process for pre-copy;
 //! - [`ranges`]: the address-range arithmetic they share;
+//! - [`store`]: pre-copied pages kept on the target until installed;
 //! - [`wire`]: the page channel (raw TCP, [`frame`]s) between the
 //!   source's page server and the target.
 
@@ -16,6 +17,7 @@ pub mod frame;
 pub mod lazy;
 pub mod ranges;
 pub mod source;
+pub mod store;
 pub mod wire;
 
 use migfs_proto::image::{Image, VmaKind};
@@ -23,6 +25,7 @@ use migfs_proto::image::{Image, VmaKind};
 pub use dirty::Tracker;
 pub use lazy::{LazyConfig, LazyPages, LazyStats, PageFetch, Preload};
 pub use source::PageSource;
+pub use store::Store;
 
 /// Whether a mapping's pages may be left out of the image and fetched
 /// later: private anonymous memory (heap, stack, anonymous mappings) that
