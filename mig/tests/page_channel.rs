@@ -10,11 +10,14 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use migfs_mig::pages::PageSource;
 use migfs_mig::pages::frame::Kind;
-use migfs_mig::pages::wire::{Fetcher, Link, Origin, PageServer, pull};
+use migfs_mig::pages::wire::{
+    Fetcher, Link, Origin, PageServer, Rendezvous, pull, push_runs, receive_pushed,
+};
 use parking_lot::Mutex;
 
 const PAGE: usize = 4096;
@@ -132,7 +135,7 @@ fn page_channel_over_loopback() {
         Ok((data.len() / PAGE) as u64)
     };
     let before = server.served_bytes();
-    let pulled = pull(&link(&server), &[], &install).unwrap();
+    let pulled = pull(&link(&server), &[], false, &install).unwrap();
     let present = (0..mem.pages)
         .filter(|p| p % 5 != 3 && !(1000..1256).contains(p))
         .count();
@@ -145,11 +148,14 @@ fn page_channel_over_loopback() {
 
     // Only some ranges.
     let only = [(mem.start(), mem.start() + 10 * PAGE as u64)];
-    let pulled = pull(&link(&server), &only, &|_, d| Ok((d.len() / PAGE) as u64)).unwrap();
+    let pulled = pull(&link(&server), &only, true, &|_, d| {
+        Ok((d.len() / PAGE) as u64)
+    })
+    .unwrap();
     assert_eq!(pulled.installed, 8);
 
     // An installer error stops the pull and is the error reported.
-    let e = pull(&link(&server), &[], &|_, _| Err("no room".into())).unwrap_err();
+    let e = pull(&link(&server), &[], false, &|_, _| Err("no room".into())).unwrap_err();
     assert_eq!(e, "no room");
 
     // A wrong token, a wrong move: refused, and said so.
@@ -161,6 +167,44 @@ fn page_channel_over_loopback() {
     bad.move_id += 1;
     let e = Fetcher::new(bad).get(mem.start(), PAGE).unwrap_err();
     assert!(e.contains("refused move 67"), "{e}");
+
+    // A push the source starts, to a target that connects back (pre-copy
+    // rounds); a wrong token is turned away first.
+    let rz = Rendezvous::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), MOVE).unwrap();
+    let back = Link {
+        addr: rz.addr().unwrap(),
+        move_id: MOVE,
+        token: rz.token(),
+    };
+    let mut wrong = back.clone();
+    wrong.token[3] ^= 0xff;
+    let src = PageSource::new(nix::unistd::getpid(), vec![mem.range()]).unwrap();
+    let chunks = migfs_mig::pages::chunks(&src.present().unwrap(), 1 << 20);
+    let kept: Mutex<u64> = Mutex::new(0);
+    std::thread::scope(|sc| {
+        let target = sc.spawn(|| {
+            let e = receive_pushed(&wrong, &|_, _| Ok(0)).unwrap_err();
+            assert!(e.contains("refused move 66"), "{e}");
+            receive_pushed(&back, &|addr, data| {
+                assert_eq!(data, mem.at(addr, data.len()), "pushed run at {addr:#x}");
+                *kept.lock() += data.len() as u64;
+                Ok(0)
+            })
+            .unwrap()
+        });
+        let mut s = rz.accept(Duration::from_secs(10)).unwrap();
+        let served = AtomicU64::new(0);
+        let (bytes, _) = push_runs(&mut s, &src, &chunks, true, &served).unwrap();
+        drop(s);
+        let got = target.join().unwrap();
+        assert_eq!(got.bytes, bytes);
+        assert_eq!(*kept.lock(), bytes);
+        assert_eq!(served.load(Ordering::Relaxed), bytes);
+    });
+    let e = rz.accept(Duration::from_millis(50)).unwrap_err();
+    assert!(e.contains("did not connect"), "{e}");
+    drop(rz);
+    drop(src);
 
     // Close: connections end (a pooled one fails clearly), nothing
     // listens any more, every thread and descriptor is gone.

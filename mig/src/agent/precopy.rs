@@ -20,18 +20,17 @@ use std::time::Duration;
 
 use migfs_proto::agent::{self as pb};
 use nix::unistd::Pid;
-use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::{AgentClient, AgentError, Inner};
 use crate::pages::ranges::{intersect, normalize, subtract, total};
+use crate::pages::wire::{self, Link, Rendezvous};
 use crate::pages::{PageFetch, PageSource, Store, Tracker};
 
 const PAGE: u64 = 4096;
-/// Bytes per message.
-const CHUNK: u64 = 1 << 20;
+/// How long the source waits for the target to connect back for a round.
+const CONNECT_BACK: Duration = Duration::from_secs(10);
 /// Rounds at most (the first sends everything).
 const MAX_ROUNDS: u32 = 8;
 /// Stop the rounds once this little is dirty.
@@ -44,6 +43,8 @@ pub struct Rounds {
     move_id: u64,
     tracker: Tracker,
     reader: PageSource,
+    /// Where the target connects back for each round's pages.
+    channel: Rendezvous,
     /// Written since the last round that sent them.
     dirty: Vec<(u64, u64)>,
     /// Rounds done.
@@ -67,10 +68,13 @@ impl Rounds {
         let ranges = crate::pages::lazy_ranges_of_maps(&maps);
         let tracker = Tracker::start(pid, &ranges).map_err(err)?;
         let reader = PageSource::new(pid, ranges.clone()).map_err(err)?;
+        let channel = Rendezvous::bind(inner.cfg.listen.ip(), move_id)
+            .map_err(|e| AgentError::phase("precopy", format!("page channel: {e}")))?;
         let mut r = Rounds {
             move_id,
             tracker,
             reader,
+            channel,
             dirty: ranges,
             rounds: 0,
             pages: 0,
@@ -78,7 +82,7 @@ impl Rounds {
         let mut last = u64::MAX;
         loop {
             let dirty = std::mem::take(&mut r.dirty);
-            let sent = send(inner, client, &r.reader, move_id, &dirty)?;
+            let sent = send(inner, client, &r.reader, &r.channel, move_id, &dirty)?;
             r.pages += sent;
             r.rounds += 1;
             r.dirty = r.tracker.collect().map_err(err)?;
@@ -120,67 +124,81 @@ impl Rounds {
             move_id,
             rounds,
             pages,
+            channel,
             ..
         } = self;
         tracker.stop();
         if !complete {
             return Ok((stale, pages));
         }
-        let sent = send(inner, client, frozen, move_id, &intersect(&stale, lazy))?;
+        let sent = send(
+            inner,
+            client,
+            frozen,
+            &channel,
+            move_id,
+            &intersect(&stale, lazy),
+        )?;
         tracing::debug!(move_id, rounds, pages = pages + sent, "pre-copy complete");
         Ok((Vec::new(), pages + sent))
     }
 }
 
-/// One round: the target forgets `dirty`, then gets its present pages.
+/// One round: the target forgets `dirty`, then gets its present pages,
+/// pushed on the page channel it connects back to.
 fn send(
     inner: &Inner,
     client: &AgentClient,
     reader: &PageSource,
+    channel: &Rendezvous,
     move_id: u64,
     dirty: &[(u64, u64)],
 ) -> Result<u64, AgentError> {
+    let err = |e: String| AgentError::phase("precopy", e);
     let present = reader
         .present()
         .map_err(|e| AgentError::phase("precopy", e))?;
-    let runs = crate::pages::chunks(&intersect(&present, dirty), CHUNK);
-    let (tx, rx) = mpsc::channel::<pb::PrecopyMsg>(4);
-    let mut c = client.clone();
-    let call = inner
-        .rt
-        .spawn(async move { c.precopy(ReceiverStream::new(rx)).await });
+    let runs = crate::pages::chunks(&intersect(&present, dirty), wire::CHUNK as u64);
+    let port = channel.addr().map_err(|e| err(e.to_string()))?.port();
     let first = pb::PrecopyMsg {
         move_id,
         discard: dirty.iter().map(|&(s, e)| range(s, e)).collect(),
+        page_addr: std::net::SocketAddr::new(inner.cfg.listen.ip(), port).to_string(),
+        page_token: channel.token().to_vec(),
         ..Default::default()
     };
-    let mut sent = 0;
-    let mut ok = tx.blocking_send(first).is_ok();
-    for (s, e) in runs {
-        if !ok {
-            break;
-        }
-        let mut data = vec![0u8; usize::try_from(e - s).unwrap_or(0)];
-        reader
-            .read(s, &mut data)
-            .map_err(|e| AgentError::phase("precopy", e))?;
-        sent += (e - s) / PAGE;
-        ok = tx
-            .blocking_send(pb::PrecopyMsg {
-                move_id,
-                addr: s,
-                data,
-                ..Default::default()
-            })
-            .is_ok();
-    }
-    drop(tx);
-    inner
+    let mut c = client.clone();
+    let call = inner
         .rt
-        .block_on(call)
-        .map_err(|e| AgentError::phase("precopy", e))?
-        .map_err(|s| AgentError::phase("precopy", format!("target: {}", s.message())))?;
-    Ok(sent)
+        .spawn(async move { c.precopy(tokio_stream::once(first)).await });
+    let answer = |call: tokio::task::JoinHandle<Result<_, Status>>| {
+        inner
+            .rt
+            .block_on(call)
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|s| err(format!("target: {}", s.message())))
+    };
+    let mut s = match channel.accept(CONNECT_BACK) {
+        Ok(s) => s,
+        // The target's answer says why it did not connect.
+        Err(e) if call.is_finished() => return answer(call).and(Err(err(e))),
+        Err(e) => {
+            call.abort();
+            return Err(err(e));
+        }
+    };
+    let served = std::sync::atomic::AtomicU64::new(0);
+    let pushed = wire::push_runs(&mut s, reader, &runs, false, &served);
+    drop(s);
+    let reply = answer(call)?;
+    let (bytes, _) = pushed.map_err(|e| err(format!("page channel: {e}")))?;
+    tracing::debug!(
+        move_id,
+        mib = bytes >> 20,
+        kept = reply.into_inner().pages,
+        "pre-copy round sent"
+    );
+    Ok(bytes / PAGE)
 }
 
 /// Tells the target to drop what it kept for a move that failed.
@@ -229,6 +247,26 @@ pub async fn receive(
         s.discard(&ranges_of(&m.discard));
         if !m.data.is_empty() {
             s.put(m.addr, &m.data).map_err(Status::invalid_argument)?;
+        }
+        if !m.page_addr.is_empty() {
+            let link =
+                Link {
+                    addr: m.page_addr.parse().map_err(|e| {
+                        Status::invalid_argument(format!("page channel {:?}: {e}", m.page_addr))
+                    })?,
+                    move_id: m.move_id,
+                    token: m.page_token.as_slice().try_into().map_err(|_| {
+                        Status::invalid_argument("a page channel token has 16 bytes")
+                    })?,
+                };
+            let store = Arc::clone(s);
+            tokio::task::spawn_blocking(move || {
+                let keep = |addr: u64, data: &[u8]| store.put(addr, data).map(|()| 0);
+                wire::receive_pushed(&link, &keep)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("pre-copied pages: {e}")))?;
         }
     }
     Ok(pb::PrecopyReply {

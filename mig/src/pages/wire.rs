@@ -54,6 +54,8 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PAGE: u64 = 4096;
+/// Nice value of the threads of a background pull, on both ends.
+const BACKGROUND_NICE: i32 = 10;
 
 /// What a page server serves: the memory of a frozen original.
 pub trait Origin: Send + Sync {
@@ -257,6 +259,8 @@ fn serve(sh: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Result<()> {
     match hello.kind {
         Kind::Fetch => serve_fetches(sh, s),
         Kind::Bulk => serve_pull(sh, s),
+        // Only a Rendezvous takes those.
+        Kind::Pushed => Ok(()),
     }
 }
 
@@ -322,7 +326,11 @@ fn serve_fetches(sh: &Shared, s: &mut TcpStream) -> io::Result<()> {
 fn serve_pull(sh: &Shared, s: &mut TcpStream) -> io::Result<()> {
     let mut head = [0u8; HEADER_LEN];
     s.read_exact(&mut head)?;
-    let n = frame::decode_pull(&head).map_err(io::Error::other)?;
+    let (n, flags) = frame::decode_pull(&head).map_err(io::Error::other)?;
+    let background = flags & frame::PULL_BACKGROUND != 0;
+    if background {
+        background_priority();
+    }
     let mut rb = vec![0u8; n * 16];
     s.read_exact(&mut rb)?;
     let only = frame::decode_ranges(&rb).map_err(io::Error::other)?;
@@ -334,19 +342,7 @@ fn serve_pull(sh: &Shared, s: &mut TcpStream) -> io::Result<()> {
     };
     let chunks = super::chunks(&runs, CHUNK as u64);
     let scan_ms = t.elapsed().as_secs_f64() * 1e3;
-    let (full_tx, full_rx) = mpsc::sync_channel::<Result<(Vec<u8>, usize), String>>(BUFFERS);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..BUFFERS {
-        let _ = empty_tx.send(vec![0u8; HEADER_LEN + CHUNK]);
-    }
-    let read_time = std::thread::scope(|sc| {
-        let reader =
-            sc.spawn(move || read_chunks(sh.origin.as_ref(), &chunks, &full_tx, &empty_rx));
-        let sent = send_chunks(sh, s, full_rx, empty_tx);
-        let read_time = reader.join().unwrap_or_default();
-        sent.map(|b| (b, read_time))
-    });
-    let (bytes, read_time) = read_time?;
+    let (bytes, read_time) = push_runs(s, sh.origin.as_ref(), &chunks, background, &sh.served)?;
     tracing::debug!(
         move_id = sh.move_id,
         mib = bytes >> 20,
@@ -356,6 +352,43 @@ fn serve_pull(sh: &Shared, s: &mut TcpStream) -> io::Result<()> {
         "pages pushed"
     );
     Ok(())
+}
+
+/// Sends `chunks` of `origin` on `s` as run frames, then the end frame
+/// (or an error frame when a read fails): one thread reads into reused
+/// buffers while this one sends the previous. Counts the page bytes sent
+/// in `served`; returns them and the time spent reading.
+pub fn push_runs(
+    s: &mut TcpStream,
+    origin: &dyn Origin,
+    chunks: &[(u64, u64)],
+    background: bool,
+    served: &AtomicU64,
+) -> io::Result<(u64, Duration)> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<Result<(Vec<u8>, usize), String>>(BUFFERS);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS.min(chunks.len()).max(1) {
+        let _ = empty_tx.send(vec![0u8; HEADER_LEN + CHUNK]);
+    }
+    std::thread::scope(|sc| {
+        let reader = sc.spawn(move || {
+            if background {
+                background_priority();
+            }
+            read_chunks(origin, chunks, &full_tx, &empty_rx)
+        });
+        let sent = send_chunks(s, full_rx, empty_tx, served);
+        let read_time = reader.join().unwrap_or_default();
+        sent.map(|b| (b, read_time))
+    })
+}
+
+/// Lowers the calling thread's CPU priority: a background push yields to
+/// the processes (the moved one included) on the same machine.
+fn background_priority() {
+    if let Err(e) = crate::sys::task::set_thread_nice(BACKGROUND_NICE) {
+        tracing::debug!(error = %e, "could not lower the push's priority");
+    }
 }
 
 /// The push's reader: each chunk of the original into an empty buffer
@@ -400,10 +433,10 @@ fn read_chunks(
 /// end frame (or the reader's error). Takes the channels so that the
 /// reader stops when this returns.
 fn send_chunks(
-    sh: &Shared,
     s: &mut TcpStream,
     full: mpsc::Receiver<Result<(Vec<u8>, usize), String>>,
     empty: mpsc::Sender<Vec<u8>>,
+    served: &AtomicU64,
 ) -> io::Result<u64> {
     let mut sent = 0u64;
     for item in full {
@@ -417,7 +450,7 @@ fn send_chunks(
         s.write_all(&buf[..n])?;
         let bytes = (n - HEADER_LEN) as u64;
         sent += bytes;
-        sh.served.fetch_add(bytes, Ordering::Relaxed);
+        served.fetch_add(bytes, Ordering::Relaxed);
         let _ = empty.send(buf);
     }
     let end = Frame {
@@ -584,12 +617,34 @@ struct Run {
 }
 
 /// Pulls every present page of the original (those inside `only` unless
-/// it is empty) from `link`, handing each run to `install` on a thread of
-/// its own while the next one arrives.
-pub fn pull(link: &Link, only: &[(u64, u64)], install: &Install<'_>) -> Result<Pulled, String> {
+/// it is empty) from `link`: one thread receives, another hands each run
+/// to `install` meanwhile. A `background` pull (the process runs) goes at
+/// a lower CPU priority, here and on the source.
+pub fn pull(
+    link: &Link,
+    only: &[(u64, u64)],
+    background: bool,
+    install: &Install<'_>,
+) -> Result<Pulled, String> {
     let mut s = link.connect(Kind::Bulk)?;
-    s.write_all(&frame::pull(only))
+    let flags = if background {
+        frame::PULL_BACKGROUND
+    } else {
+        0
+    };
+    s.write_all(&frame::pull(only, flags))
         .map_err(|e| io_words(link.addr, &e))?;
+    receive_pipelined(&mut s, link.addr, background, install)
+}
+
+/// Runs pushed to us on `s` until the end frame: one thread receives into
+/// reused buffers, another hands each run to `install` meanwhile.
+fn receive_pipelined(
+    s: &mut TcpStream,
+    addr: SocketAddr,
+    background: bool,
+    install: &Install<'_>,
+) -> Result<Pulled, String> {
     let (full_tx, full_rx) = mpsc::sync_channel::<Run>(BUFFERS);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
@@ -597,6 +652,9 @@ pub fn pull(link: &Link, only: &[(u64, u64)], install: &Install<'_>) -> Result<P
     }
     std::thread::scope(|sc| {
         let installer = sc.spawn(move || -> Result<(u64, Duration), String> {
+            if background {
+                background_priority();
+            }
             let (mut n, mut busy) = (0, Duration::ZERO);
             for run in full_rx {
                 let t = Instant::now();
@@ -606,7 +664,15 @@ pub fn pull(link: &Link, only: &[(u64, u64)], install: &Install<'_>) -> Result<P
             }
             Ok((n, busy))
         });
-        let received = receive_runs(&mut s, link.addr, full_tx, empty_rx);
+        let receiver = sc.spawn(move || {
+            if background {
+                background_priority();
+            }
+            receive_runs(s, addr, full_tx, empty_rx)
+        });
+        let received = receiver
+            .join()
+            .unwrap_or_else(|_| Err("the page receiver panicked".into()));
         let installed = installer
             .join()
             .unwrap_or_else(|_| Err("the page installer panicked".into()))?;
@@ -617,6 +683,97 @@ pub fn pull(link: &Link, only: &[(u64, u64)], install: &Install<'_>) -> Result<P
             install_time: installed.1,
         })
     })
+}
+
+/// The target's end of a push the source starts ([`Rendezvous`]):
+/// connects to it and hands every run to `install` until the end.
+pub fn receive_pushed(link: &Link, install: &Install<'_>) -> Result<Pulled, String> {
+    let mut s = link.connect(Kind::Pushed)?;
+    receive_pipelined(&mut s, link.addr, false, install)
+}
+
+/// A listener for one move whose target connects back for pushes the
+/// source starts (pre-copy rounds): [`Rendezvous::accept`] hands over a
+/// connection that presented the token. Closed on drop.
+pub struct Rendezvous {
+    listener: TcpListener,
+    move_id: u64,
+    token: Token,
+}
+
+impl Rendezvous {
+    /// Listens on `ip` (port 0) for move `move_id`, with a new token.
+    pub fn bind(ip: IpAddr, move_id: u64) -> io::Result<Rendezvous> {
+        let listener = TcpListener::bind((ip, 0))?;
+        listener.set_nonblocking(true)?;
+        Ok(Rendezvous {
+            listener,
+            move_id,
+            token: new_token()?,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The token the target must present.
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    /// The next connection that presents the move and token, within
+    /// `timeout`; others are closed (and logged).
+    pub fn accept(&self, timeout: Duration) -> Result<TcpStream, String> {
+        let t0 = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                return Err(format!(
+                    "the target did not connect within {} s",
+                    timeout.as_secs()
+                ));
+            }
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            crate::sys::net::wait_readable(&[self.listener.as_fd()], ms)
+                .map_err(|e| format!("wait for the target: {e}"))?;
+            let (mut s, peer) = match self.listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(format!("accept: {e}")),
+            };
+            match self.hello(&mut s) {
+                Ok(true) => return Ok(s),
+                Ok(false) => tracing::warn!(
+                    move_id = self.move_id,
+                    %peer,
+                    "page channel: wrong move or token; connection closed"
+                ),
+                Err(e) => {
+                    tracing::debug!(move_id = self.move_id, %peer, error = %e, "page channel: no hello")
+                }
+            }
+        }
+    }
+
+    fn hello(&self, s: &mut TcpStream) -> io::Result<bool> {
+        s.set_nonblocking(false)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        s.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let mut b = [0u8; frame::HELLO_LEN];
+        s.read_exact(&mut b)?;
+        let h = Hello::decode(&b).map_err(io::Error::other)?;
+        if h.kind != Kind::Pushed
+            || h.move_id != self.move_id
+            || !frame::same_token(&h.token, &self.token)
+        {
+            return Ok(false);
+        }
+        s.write_all(&frame::welcome(0))?;
+        Ok(true)
+    }
 }
 
 /// The pull's receiver: frames into empty buffers, handed to the
