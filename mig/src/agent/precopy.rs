@@ -115,7 +115,9 @@ impl Rounds {
         let lazy = frozen.ranges();
         let err = |e: crate::error::MigError| AgentError::phase("precopy", e);
         let mut stale = std::mem::take(&mut self.dirty);
-        stale.extend(self.tracker.collect().map_err(err)?);
+        let t = std::time::Instant::now();
+        stale.extend(self.tracker.collect_last().map_err(err)?);
+        let collect_ms = t.elapsed().as_secs_f64() * 1e3;
         // Memory mapped outside the tracked ranges since the start.
         stale.extend(subtract(lazy, self.tracker.ranges()));
         let stale = normalize(stale);
@@ -127,10 +129,12 @@ impl Rounds {
             channel,
             ..
         } = self;
-        tracker.stop();
+        tracing::debug!(move_id, collect_ms, "pre-copy: last dirty set");
         if !complete {
+            stop_later(tracker, move_id);
             return Ok((stale, pages));
         }
+        // Its stop would hold the memory map against the reads.
         let sent = send(
             inner,
             client,
@@ -138,9 +142,24 @@ impl Rounds {
             &channel,
             move_id,
             &intersect(&stale, lazy),
-        )?;
+        );
+        stop_later(tracker, move_id);
+        let sent = sent?;
         tracing::debug!(move_id, rounds, pages = pages + sent, "pre-copy complete");
         Ok((Vec::new(), pages + sent))
+    }
+}
+
+/// Ends dirty tracking on a thread of its own: closing the userfaultfd
+/// walks every protected page table, which need not happen while the
+/// process waits, frozen (it ends with the move, or runs on unprotected
+/// when the move fails).
+fn stop_later(tracker: Tracker, move_id: u64) {
+    let stopper = std::thread::Builder::new()
+        .name("precopy-stop".into())
+        .spawn(move || tracker.stop());
+    if let Err(e) = stopper {
+        tracing::warn!(move_id, error = %e, "stopped the dirty tracker inline");
     }
 }
 
