@@ -135,7 +135,7 @@ fn page_channel_over_loopback() {
         Ok((data.len() / PAGE) as u64)
     };
     let before = server.served_bytes();
-    let pulled = pull(&link(&server), &[], false, &install).unwrap();
+    let pulled = pull(&link(&server), &[], &install).unwrap();
     let present = (0..mem.pages)
         .filter(|p| p % 5 != 3 && !(1000..1256).contains(p))
         .count();
@@ -148,14 +148,11 @@ fn page_channel_over_loopback() {
 
     // Only some ranges.
     let only = [(mem.start(), mem.start() + 10 * PAGE as u64)];
-    let pulled = pull(&link(&server), &only, true, &|_, d| {
-        Ok((d.len() / PAGE) as u64)
-    })
-    .unwrap();
+    let pulled = pull(&link(&server), &only, &|_, d| Ok((d.len() / PAGE) as u64)).unwrap();
     assert_eq!(pulled.installed, 8);
 
     // An installer error stops the pull and is the error reported.
-    let e = pull(&link(&server), &[], false, &|_, _| Err("no room".into())).unwrap_err();
+    let e = pull(&link(&server), &[], &|_, _| Err("no room".into())).unwrap_err();
     assert_eq!(e, "no room");
 
     // A wrong token, a wrong move: refused, and said so.
@@ -194,7 +191,7 @@ fn page_channel_over_loopback() {
         });
         let mut s = rz.accept(Duration::from_secs(10)).unwrap();
         let served = AtomicU64::new(0);
-        let (bytes, _) = push_runs(&mut s, &src, &chunks, true, &served).unwrap();
+        let (bytes, _) = push_runs(&mut s, &src, &chunks, &served).unwrap();
         drop(s);
         let got = target.join().unwrap();
         assert_eq!(got.bytes, bytes);

@@ -207,7 +207,7 @@ fn send(
         }
     };
     let served = std::sync::atomic::AtomicU64::new(0);
-    let pushed = wire::push_runs(&mut s, reader, &runs, false, &served);
+    let pushed = wire::push_runs(&mut s, reader, &runs, &served);
     drop(s);
     let reply = answer(call)?;
     let (bytes, _) = pushed.map_err(|e| err(format!("page channel: {e}")))?;

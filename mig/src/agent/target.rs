@@ -103,18 +103,13 @@ fn link_of(b: &pb::ReceiveBegin) -> Result<Link, String> {
 /// Pulls every present page of the original (inside `only` unless it is
 /// empty) over the page channel and installs it; returns how many pages
 /// were new.
-fn pull_all(
-    link: &Link,
-    lazy: &LazyPages,
-    only: &[(u64, u64)],
-    background: bool,
-) -> Result<u64, String> {
+fn pull_all(link: &Link, lazy: &LazyPages, only: &[(u64, u64)]) -> Result<u64, String> {
     let t0 = Instant::now();
     let install = |addr: u64, data: &[u8]| {
         lazy.install(addr, data)
             .map_err(|e| format!("install {addr:#x}: {e}"))
     };
-    let p = wire::pull(link, only, background, &install)?;
+    let p = wire::pull(link, only, &install)?;
     tracing::info!(
         move_id = link.move_id,
         mib = p.bytes >> 20,
@@ -303,7 +298,7 @@ fn rebuild(
     let pre = Arc::clone(&preloaded);
     let preload: Option<Preload> = (eager && copied.is_none()).then(|| {
         Box::new(move |lazy: &LazyPages| {
-            let n = pull_all(&link2, lazy, &[], false)?;
+            let n = pull_all(&link2, lazy, &[])?;
             pre.store(n, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         }) as Preload
@@ -477,7 +472,7 @@ fn drain(
             Pull::Only(r) => Some(r),
         };
         if let Some(only) = only.filter(|_| report.error.is_empty()) {
-            match pull_all(link, &lazy, &only, true) {
+            match pull_all(link, &lazy, &only) {
                 Ok(n) => report.pages_push = n,
                 Err(e) => report.error = e,
             }

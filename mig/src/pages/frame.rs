@@ -8,7 +8,7 @@
 //!   target -> source  Fetch  addr u64 | len u32 | 0 u32
 //!   source -> target  Frame(Run, addr, len) + len bytes, or Frame(Error) + message
 //! bulk connection (once):
-//!   target -> source  Pull   count u32 | flags u32 | 0 u64, then count x (start u64 | end u64)
+//!   target -> source  Pull   count u32 | 0 u32 | 0 u64, then count x (start u64 | end u64)
 //!   source -> target  Frame(Run) + bytes ... then Frame(End, addr = bytes sent)
 //!                     or Frame(Error) + message
 //! ```
@@ -30,9 +30,6 @@ pub const HELLO_LEN: usize = 32;
 pub const HEADER_LEN: usize = 16;
 /// Bytes of a welcome.
 pub const WELCOME_LEN: usize = 8;
-/// Pull flag: background work (the process runs meanwhile); the source
-/// sends it at a lower CPU priority.
-pub const PULL_BACKGROUND: u32 = 1;
 /// Bytes of the per-move secret.
 pub const TOKEN_LEN: usize = 16;
 
@@ -252,13 +249,12 @@ impl Frame {
     }
 }
 
-/// A pull request naming `only` (empty: every present page), with
-/// `flags` ([`PULL_BACKGROUND`]).
-pub fn pull(only: &[(u64, u64)], flags: u32) -> Vec<u8> {
+/// A pull request naming `only` (empty: every present page).
+pub fn pull(only: &[(u64, u64)]) -> Vec<u8> {
     let mut b = Vec::with_capacity(HEADER_LEN + only.len() * 16);
     let n = u32::try_from(only.len()).unwrap_or(u32::MAX);
     b.extend_from_slice(&n.to_le_bytes());
-    b.extend_from_slice(&flags.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
     b.extend_from_slice(&0u64.to_le_bytes());
     for &(s, e) in only {
         b.extend_from_slice(&s.to_le_bytes());
@@ -267,9 +263,8 @@ pub fn pull(only: &[(u64, u64)], flags: u32) -> Vec<u8> {
     b
 }
 
-/// The number of ranges a pull header announces (at most
-/// [`MAX_RANGES`]) and its flags.
-pub fn decode_pull(b: &[u8; HEADER_LEN]) -> Result<(usize, u32), FrameError> {
+/// The number of ranges a pull header announces (at most [`MAX_RANGES`]).
+pub fn decode_pull(b: &[u8; HEADER_LEN]) -> Result<usize, FrameError> {
     let n = u32_at(b, 0);
     if n > MAX_RANGES {
         return Err(FrameError::Field {
@@ -281,7 +276,7 @@ pub fn decode_pull(b: &[u8; HEADER_LEN]) -> Result<(usize, u32), FrameError> {
         what: "pull ranges",
         value: u64::from(n),
     })?;
-    Ok((n, u32_at(b, 4)))
+    Ok(n)
 }
 
 /// The ranges after a pull header (`16 * count` bytes); each must be
@@ -391,15 +386,12 @@ mod tests {
     #[test]
     fn pulls_round_trip_and_refuse_bad_ranges() {
         let only = [(0x1000, 0x3000), (0x9000, 0xa000)];
-        let b = pull(&only, PULL_BACKGROUND);
+        let b = pull(&only);
         let head: [u8; HEADER_LEN] = b[..HEADER_LEN].try_into().unwrap();
-        assert_eq!(decode_pull(&head), Ok((2, PULL_BACKGROUND)));
+        assert_eq!(decode_pull(&head), Ok(2));
         assert_eq!(decode_ranges(&b[HEADER_LEN..]), Ok(only.to_vec()));
-        assert_eq!(
-            decode_pull(&pull(&[], 0)[..].try_into().unwrap()),
-            Ok((0, 0))
-        );
-        assert!(decode_ranges(&pull(&[(5, 5)], 0)[HEADER_LEN..]).is_err());
+        assert_eq!(decode_pull(&pull(&[])[..].try_into().unwrap()), Ok(0));
+        assert!(decode_ranges(&pull(&[(5, 5)])[HEADER_LEN..]).is_err());
         let mut huge = [0u8; HEADER_LEN];
         huge[0..4].copy_from_slice(&(MAX_RANGES + 1).to_le_bytes());
         assert!(decode_pull(&huge).is_err());

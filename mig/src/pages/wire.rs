@@ -54,8 +54,6 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const PAGE: u64 = 4096;
-/// Nice value of the threads of a background pull, on both ends.
-const BACKGROUND_NICE: i32 = 10;
 
 /// What a page server serves: the memory of a frozen original.
 pub trait Origin: Send + Sync {
@@ -326,11 +324,7 @@ fn serve_fetches(sh: &Shared, s: &mut TcpStream) -> io::Result<()> {
 fn serve_pull(sh: &Shared, s: &mut TcpStream) -> io::Result<()> {
     let mut head = [0u8; HEADER_LEN];
     s.read_exact(&mut head)?;
-    let (n, flags) = frame::decode_pull(&head).map_err(io::Error::other)?;
-    let background = flags & frame::PULL_BACKGROUND != 0;
-    if background {
-        background_priority();
-    }
+    let n = frame::decode_pull(&head).map_err(io::Error::other)?;
     let mut rb = vec![0u8; n * 16];
     s.read_exact(&mut rb)?;
     let only = frame::decode_ranges(&rb).map_err(io::Error::other)?;
@@ -342,7 +336,7 @@ fn serve_pull(sh: &Shared, s: &mut TcpStream) -> io::Result<()> {
     };
     let chunks = super::chunks(&runs, CHUNK as u64);
     let scan_ms = t.elapsed().as_secs_f64() * 1e3;
-    let (bytes, read_time) = push_runs(s, sh.origin.as_ref(), &chunks, background, &sh.served)?;
+    let (bytes, read_time) = push_runs(s, sh.origin.as_ref(), &chunks, &sh.served)?;
     tracing::debug!(
         move_id = sh.move_id,
         mib = bytes >> 20,
@@ -362,7 +356,6 @@ pub fn push_runs(
     s: &mut TcpStream,
     origin: &dyn Origin,
     chunks: &[(u64, u64)],
-    background: bool,
     served: &AtomicU64,
 ) -> io::Result<(u64, Duration)> {
     let (full_tx, full_rx) = mpsc::sync_channel::<Result<(Vec<u8>, usize), String>>(BUFFERS);
@@ -371,24 +364,11 @@ pub fn push_runs(
         let _ = empty_tx.send(vec![0u8; HEADER_LEN + CHUNK]);
     }
     std::thread::scope(|sc| {
-        let reader = sc.spawn(move || {
-            if background {
-                background_priority();
-            }
-            read_chunks(origin, chunks, &full_tx, &empty_rx)
-        });
+        let reader = sc.spawn(move || read_chunks(origin, chunks, &full_tx, &empty_rx));
         let sent = send_chunks(s, full_rx, empty_tx, served);
         let read_time = reader.join().unwrap_or_default();
         sent.map(|b| (b, read_time))
     })
-}
-
-/// Lowers the calling thread's CPU priority: a background push yields to
-/// the processes (the moved one included) on the same machine.
-fn background_priority() {
-    if let Err(e) = crate::sys::task::set_thread_nice(BACKGROUND_NICE) {
-        tracing::debug!(error = %e, "could not lower the push's priority");
-    }
 }
 
 /// The push's reader: each chunk of the original into an empty buffer
@@ -618,23 +598,12 @@ struct Run {
 
 /// Pulls every present page of the original (those inside `only` unless
 /// it is empty) from `link`: one thread receives, another hands each run
-/// to `install` meanwhile. A `background` pull (the process runs) goes at
-/// a lower CPU priority, here and on the source.
-pub fn pull(
-    link: &Link,
-    only: &[(u64, u64)],
-    background: bool,
-    install: &Install<'_>,
-) -> Result<Pulled, String> {
+/// to `install` meanwhile.
+pub fn pull(link: &Link, only: &[(u64, u64)], install: &Install<'_>) -> Result<Pulled, String> {
     let mut s = link.connect(Kind::Bulk)?;
-    let flags = if background {
-        frame::PULL_BACKGROUND
-    } else {
-        0
-    };
-    s.write_all(&frame::pull(only, flags))
+    s.write_all(&frame::pull(only))
         .map_err(|e| io_words(link.addr, &e))?;
-    receive_pipelined(&mut s, link.addr, background, install)
+    receive_pipelined(&mut s, link.addr, install)
 }
 
 /// Runs pushed to us on `s` until the end frame: one thread receives into
@@ -642,7 +611,6 @@ pub fn pull(
 fn receive_pipelined(
     s: &mut TcpStream,
     addr: SocketAddr,
-    background: bool,
     install: &Install<'_>,
 ) -> Result<Pulled, String> {
     let (full_tx, full_rx) = mpsc::sync_channel::<Run>(BUFFERS);
@@ -652,9 +620,6 @@ fn receive_pipelined(
     }
     std::thread::scope(|sc| {
         let installer = sc.spawn(move || -> Result<(u64, Duration), String> {
-            if background {
-                background_priority();
-            }
             let (mut n, mut busy) = (0, Duration::ZERO);
             for run in full_rx {
                 let t = Instant::now();
@@ -664,12 +629,7 @@ fn receive_pipelined(
             }
             Ok((n, busy))
         });
-        let receiver = sc.spawn(move || {
-            if background {
-                background_priority();
-            }
-            receive_runs(s, addr, full_tx, empty_rx)
-        });
+        let receiver = sc.spawn(move || receive_runs(s, addr, full_tx, empty_rx));
         let received = receiver
             .join()
             .unwrap_or_else(|_| Err("the page receiver panicked".into()));
@@ -689,7 +649,7 @@ fn receive_pipelined(
 /// connects to it and hands every run to `install` until the end.
 pub fn receive_pushed(link: &Link, install: &Install<'_>) -> Result<Pulled, String> {
     let mut s = link.connect(Kind::Pushed)?;
-    receive_pipelined(&mut s, link.addr, false, install)
+    receive_pipelined(&mut s, link.addr, install)
 }
 
 /// A listener for one move whose target connects back for pushes the

@@ -132,13 +132,3 @@ pub fn posix_locks_of(f: &std::fs::File, pid: i32) -> Result<Vec<super::procfs::
     }
     Ok(out)
 }
-
-/// Sets the nice value of the calling thread only (Linux applies
-/// `setpriority(PRIO_PROCESS, tid)` to that one thread): background work
-/// yields to the processes it serves.
-pub fn set_thread_nice(nice: i32) -> Result<(), Errno> {
-    let tid = libc::id_t::try_from(gettid().as_raw()).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: setpriority takes only integers.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
-    Errno::result(r).map(drop)
-}
