@@ -187,6 +187,8 @@ fn accept_loop(listener: &TcpListener, stop: &OwnedFd, sh: &Arc<Shared>) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::warn!(move_id = sh.move_id, error = %e, "page server: accept failed");
+                    // Out of descriptors, say: do not spin on it.
+                    std::thread::sleep(Duration::from_millis(100));
                     break;
                 }
             }
