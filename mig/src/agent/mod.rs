@@ -137,7 +137,7 @@ pub(crate) struct Inner {
     /// Moves this node is the source of, by move id (page servers).
     pub(crate) sources: Mutex<HashMap<u64, Arc<source::Serving>>>,
     /// Memory pre-copied to this node, by move id, until its Receive.
-    pub(crate) precopies: Mutex<HashMap<u64, Arc<precopy::Store>>>,
+    pub(crate) precopies: Mutex<HashMap<u64, Arc<crate::pages::Store>>>,
     /// Stdin relays of the tasks running here, by task id.
     pub(crate) stdins: Arc<stdin::Relays>,
     next_move: AtomicU64,
@@ -306,7 +306,6 @@ type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl AgentRpc for AgentService {
     type MoveStream = EventStream<pb::MoveEvent>;
     type ReceiveStream = EventStream<pb::ReceiveEvent>;
-    type PushPagesStream = EventStream<pb::PageRun>;
 
     async fn r#move(
         &self,
@@ -384,29 +383,6 @@ impl AgentRpc for AgentService {
         agents_only(&req)?;
         let s = target::receive(Arc::clone(&self.inner), req.into_inner()).await?;
         Ok(Response::new(s))
-    }
-
-    async fn fetch_pages(
-        &self,
-        req: Request<pb::FetchRequest>,
-    ) -> Result<Response<pb::FetchReply>, Status> {
-        agents_only(&req)?;
-        let r = req.into_inner();
-        let serving = self.serving(r.move_id)?;
-        let data = tokio::task::spawn_blocking(move || serving.fetch(r.addr, r.len))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(pb::FetchReply { data: data.into() }))
-    }
-
-    async fn push_pages(
-        &self,
-        req: Request<pb::PushRequest>,
-    ) -> Result<Response<Self::PushPagesStream>, Status> {
-        agents_only(&req)?;
-        let r = req.into_inner();
-        let serving = self.serving(r.move_id)?;
-        Ok(Response::new(serving.push(precopy::ranges_of(&r.only))))
     }
 
     async fn precopy(

@@ -15,25 +15,22 @@
 //! installs the rest of it, so only stale pages come from the source, or
 //! none at all after a complete pre-copy.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use migfs_proto::agent::{self as pb};
 use nix::unistd::Pid;
-use parking_lot::Mutex;
-use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::{AgentClient, AgentError, Inner};
 use crate::pages::ranges::{intersect, normalize, subtract, total};
-use crate::pages::{LazyPages, PageFetch, PageSource, Tracker};
+use crate::pages::wire::{self, Link, Rendezvous};
+use crate::pages::{PageFetch, PageSource, Store, Tracker};
 
 const PAGE: u64 = 4096;
-/// Bytes per message.
-const CHUNK: u64 = 1 << 20;
+/// How long the source waits for the target to connect back for a round.
+const CONNECT_BACK: Duration = Duration::from_secs(10);
 /// Rounds at most (the first sends everything).
 const MAX_ROUNDS: u32 = 8;
 /// Stop the rounds once this little is dirty.
@@ -46,6 +43,8 @@ pub struct Rounds {
     move_id: u64,
     tracker: Tracker,
     reader: PageSource,
+    /// Where the target connects back for each round's pages.
+    channel: Rendezvous,
     /// Written since the last round that sent them.
     dirty: Vec<(u64, u64)>,
     /// Rounds done.
@@ -69,10 +68,13 @@ impl Rounds {
         let ranges = crate::pages::lazy_ranges_of_maps(&maps);
         let tracker = Tracker::start(pid, &ranges).map_err(err)?;
         let reader = PageSource::new(pid, ranges.clone()).map_err(err)?;
+        let channel = Rendezvous::bind(inner.cfg.listen.ip(), move_id)
+            .map_err(|e| AgentError::phase("precopy", format!("page channel: {e}")))?;
         let mut r = Rounds {
             move_id,
             tracker,
             reader,
+            channel,
             dirty: ranges,
             rounds: 0,
             pages: 0,
@@ -80,7 +82,7 @@ impl Rounds {
         let mut last = u64::MAX;
         loop {
             let dirty = std::mem::take(&mut r.dirty);
-            let sent = send(inner, client, &r.reader, move_id, &dirty)?;
+            let sent = send(inner, client, &r.reader, &r.channel, move_id, &dirty)?;
             r.pages += sent;
             r.rounds += 1;
             r.dirty = r.tracker.collect().map_err(err)?;
@@ -113,7 +115,9 @@ impl Rounds {
         let lazy = frozen.ranges();
         let err = |e: crate::error::MigError| AgentError::phase("precopy", e);
         let mut stale = std::mem::take(&mut self.dirty);
-        stale.extend(self.tracker.collect().map_err(err)?);
+        let t = std::time::Instant::now();
+        stale.extend(self.tracker.collect_last().map_err(err)?);
+        let collect_ms = t.elapsed().as_secs_f64() * 1e3;
         // Memory mapped outside the tracked ranges since the start.
         stale.extend(subtract(lazy, self.tracker.ranges()));
         let stale = normalize(stale);
@@ -122,67 +126,98 @@ impl Rounds {
             move_id,
             rounds,
             pages,
+            channel,
             ..
         } = self;
-        tracker.stop();
+        tracing::debug!(move_id, collect_ms, "pre-copy: last dirty set");
         if !complete {
+            stop_later(tracker, move_id);
             return Ok((stale, pages));
         }
-        let sent = send(inner, client, frozen, move_id, &intersect(&stale, lazy))?;
+        // Its stop would hold the memory map against the reads.
+        let sent = send(
+            inner,
+            client,
+            frozen,
+            &channel,
+            move_id,
+            &intersect(&stale, lazy),
+        );
+        stop_later(tracker, move_id);
+        let sent = sent?;
         tracing::debug!(move_id, rounds, pages = pages + sent, "pre-copy complete");
         Ok((Vec::new(), pages + sent))
     }
 }
 
-/// One round: the target forgets `dirty`, then gets its present pages.
+/// Ends dirty tracking on a thread of its own: closing the userfaultfd
+/// walks every protected page table, which need not happen while the
+/// process waits, frozen (it ends with the move, or runs on unprotected
+/// when the move fails).
+fn stop_later(tracker: Tracker, move_id: u64) {
+    let stopper = std::thread::Builder::new()
+        .name("precopy-stop".into())
+        .spawn(move || tracker.stop());
+    if let Err(e) = stopper {
+        tracing::warn!(move_id, error = %e, "stopped the dirty tracker inline");
+    }
+}
+
+/// One round: the target forgets `dirty`, then gets its present pages,
+/// pushed on the page channel it connects back to.
 fn send(
     inner: &Inner,
     client: &AgentClient,
     reader: &PageSource,
+    channel: &Rendezvous,
     move_id: u64,
     dirty: &[(u64, u64)],
 ) -> Result<u64, AgentError> {
+    let err = |e: String| AgentError::phase("precopy", e);
     let present = reader
         .present()
         .map_err(|e| AgentError::phase("precopy", e))?;
-    let runs = crate::pages::chunks(&intersect(&present, dirty), CHUNK);
-    let (tx, rx) = mpsc::channel::<pb::PrecopyMsg>(4);
-    let mut c = client.clone();
-    let call = inner
-        .rt
-        .spawn(async move { c.precopy(ReceiverStream::new(rx)).await });
+    let runs = crate::pages::chunks(&intersect(&present, dirty), wire::CHUNK as u64);
+    let port = channel.addr().map_err(|e| err(e.to_string()))?.port();
     let first = pb::PrecopyMsg {
         move_id,
         discard: dirty.iter().map(|&(s, e)| range(s, e)).collect(),
+        page_addr: std::net::SocketAddr::new(inner.cfg.listen.ip(), port).to_string(),
+        page_token: channel.token().to_vec(),
         ..Default::default()
     };
-    let mut sent = 0;
-    let mut ok = tx.blocking_send(first).is_ok();
-    for (s, e) in runs {
-        if !ok {
-            break;
-        }
-        let mut data = vec![0u8; usize::try_from(e - s).unwrap_or(0)];
-        reader
-            .read(s, &mut data)
-            .map_err(|e| AgentError::phase("precopy", e))?;
-        sent += (e - s) / PAGE;
-        ok = tx
-            .blocking_send(pb::PrecopyMsg {
-                move_id,
-                addr: s,
-                data,
-                ..Default::default()
-            })
-            .is_ok();
-    }
-    drop(tx);
-    inner
+    let mut c = client.clone();
+    let call = inner
         .rt
-        .block_on(call)
-        .map_err(|e| AgentError::phase("precopy", e))?
-        .map_err(|s| AgentError::phase("precopy", format!("target: {}", s.message())))?;
-    Ok(sent)
+        .spawn(async move { c.precopy(tokio_stream::once(first)).await });
+    let answer = |call: tokio::task::JoinHandle<Result<_, Status>>| {
+        inner
+            .rt
+            .block_on(call)
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|s| err(format!("target: {}", s.message())))
+    };
+    let mut s = match channel.accept(CONNECT_BACK) {
+        Ok(s) => s,
+        // The target's answer says why it did not connect.
+        Err(e) if call.is_finished() => return answer(call).and(Err(err(e))),
+        Err(e) => {
+            call.abort();
+            return Err(err(e));
+        }
+    };
+    let served = std::sync::atomic::AtomicU64::new(0);
+    let pushed = wire::push_runs(&mut s, reader, &runs, &served);
+    drop(s);
+    let reply = answer(call)?;
+    let (bytes, _) = pushed.map_err(|e| err(format!("page channel: {e}")))?;
+    tracing::debug!(
+        move_id,
+        mib = bytes >> 20,
+        kept = reply.into_inner().pages,
+        "pre-copy round sent"
+    );
+    Ok(bytes / PAGE)
 }
 
 /// Tells the target to drop what it kept for a move that failed.
@@ -208,104 +243,6 @@ pub fn ranges_of(r: &[pb::PageRange]) -> Vec<(u64, u64)> {
     normalize(r.iter().map(|r| (r.start, r.end)).collect())
 }
 
-/// Pre-copied pages of one move on the target, by address.
-pub struct Store {
-    pages: Mutex<HashMap<u64, Box<[u8]>>>,
-    born: Instant,
-}
-
-impl Store {
-    fn new() -> Store {
-        Store {
-            pages: Mutex::new(HashMap::new()),
-            born: Instant::now(),
-        }
-    }
-
-    /// Forgets the pages in `ranges`.
-    pub fn discard(&self, ranges: &[(u64, u64)]) {
-        let mut p = self.pages.lock();
-        for &(s, e) in ranges {
-            if (e - s) / PAGE < p.len() as u64 {
-                for a in (s..e).step_by(4096) {
-                    p.remove(&a);
-                }
-            } else {
-                p.retain(|a, _| *a < s || *a >= e);
-            }
-        }
-    }
-
-    fn put(&self, addr: u64, data: &[u8]) -> Result<(), String> {
-        if !addr.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
-            return Err(format!(
-                "pre-copied run {addr:#x}+{} not page-aligned",
-                data.len()
-            ));
-        }
-        let mut p = self.pages.lock();
-        for (i, page) in data.chunks(4096).enumerate() {
-            p.insert(addr + i as u64 * PAGE, page.into());
-        }
-        Ok(())
-    }
-
-    /// Pages kept.
-    pub fn len(&self) -> u64 {
-        self.pages.lock().len() as u64
-    }
-
-    /// The `len` bytes at `addr` if every page is kept; with `zero_fill`,
-    /// missing pages read as zeros.
-    fn read(&self, addr: u64, len: usize, zero_fill: bool) -> Option<Vec<u8>> {
-        let p = self.pages.lock();
-        let mut out = vec![0u8; len];
-        for (i, chunk) in out.chunks_mut(4096).enumerate() {
-            match p.get(&(addr + i as u64 * PAGE)) {
-                Some(page) => chunk.copy_from_slice(&page[..chunk.len()]),
-                None if zero_fill => {}
-                None => return None,
-            }
-        }
-        Some(out)
-    }
-
-    /// Installs every kept page the process does not have yet, in runs;
-    /// returns the pages newly installed. The pages stay readable by the
-    /// fault handler until all are installed (one it serves meanwhile
-    /// must not read as missing); the store is empty afterwards.
-    pub fn install_all(&self, lazy: &LazyPages) -> Result<u64, String> {
-        let mut addrs: Vec<u64> = self.pages.lock().keys().copied().collect();
-        addrs.sort_unstable();
-        let mut n = 0;
-        let mut i = 0;
-        while i < addrs.len() {
-            let start = addrs[i];
-            let mut buf = Vec::with_capacity(1 << 20);
-            {
-                let p = self.pages.lock();
-                while i < addrs.len()
-                    && addrs[i] == start + buf.len() as u64
-                    && (buf.len() as u64) < CHUNK
-                {
-                    if let Some(page) = p.get(&addrs[i]) {
-                        buf.extend_from_slice(page);
-                    }
-                    i += 1;
-                }
-            }
-            if buf.is_empty() {
-                continue;
-            }
-            n += lazy
-                .install(start, &buf)
-                .map_err(|e| format!("install pre-copied {start:#x}: {e}"))?;
-        }
-        self.pages.lock().clear();
-        Ok(n)
-    }
-}
-
 /// Takes a Precopy stream into the move's store.
 pub async fn receive(
     inner: &Inner,
@@ -320,7 +257,7 @@ pub async fn receive(
         }
         let s = store.get_or_insert_with(|| {
             let mut all = inner.precopies.lock();
-            all.retain(|_, s| s.born.elapsed() < STORE_TTL);
+            all.retain(|_, s| s.age() < STORE_TTL);
             Arc::clone(
                 all.entry(m.move_id)
                     .or_insert_with(|| Arc::new(Store::new())),
@@ -329,6 +266,26 @@ pub async fn receive(
         s.discard(&ranges_of(&m.discard));
         if !m.data.is_empty() {
             s.put(m.addr, &m.data).map_err(Status::invalid_argument)?;
+        }
+        if !m.page_addr.is_empty() {
+            let link =
+                Link {
+                    addr: m.page_addr.parse().map_err(|e| {
+                        Status::invalid_argument(format!("page channel {:?}: {e}", m.page_addr))
+                    })?,
+                    move_id: m.move_id,
+                    token: m.page_token.as_slice().try_into().map_err(|_| {
+                        Status::invalid_argument("a page channel token has 16 bytes")
+                    })?,
+                };
+            let store = Arc::clone(s);
+            tokio::task::spawn_blocking(move || {
+                let keep = |addr: u64, data: &[u8]| store.put(addr, data).map(|()| 0);
+                wire::receive_pushed(&link, &keep)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("pre-copied pages: {e}")))?;
         }
     }
     Ok(pb::PrecopyReply {

@@ -10,7 +10,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -31,75 +30,39 @@ use crate::capture::{self, CaptureOptions};
 use crate::freeze::{self, Frozen};
 use crate::image::format::{IMAGE_FILE, PAGES_FILE};
 use crate::pages::source::PageSource;
+use crate::pages::wire::{Origin, PageServer};
 
-/// Bytes per message when sending the image and pushing pages.
+/// Bytes per message when sending the image.
 const CHUNK: usize = 4 << 20;
 /// How long the source waits for the target to drain a lazy move.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 
 type Events = mpsc::Sender<Result<pb::MoveEvent, Status>>;
 
-/// A move this node is the source of: the page server's view of it.
+/// A move this node is the source of: its page server (the page channel,
+/// [`PageServer`]) and the wait for the target's "drained".
 pub struct Serving {
-    pages: PageSource,
-    served_bytes: AtomicU64,
+    pages: Arc<PageSource>,
+    server: PageServer,
     done: Mutex<Option<std_mpsc::Sender<pb::DrainedRequest>>>,
 }
 
 impl Serving {
-    /// Memory of the frozen original (a fault on the target).
-    pub fn fetch(&self, addr: u64, len: u32) -> Result<Vec<u8>, Status> {
-        if len == 0 || len > 16 << 20 || !addr.is_multiple_of(4096) {
-            return Err(Status::invalid_argument(format!(
-                "bad page request {addr:#x}+{len}"
-            )));
-        }
-        let mut buf = vec![0u8; len as usize];
-        self.pages
-            .read(addr, &mut buf)
-            .map_err(|e| Status::internal(format!("read {addr:#x}+{len}: {e}")))?;
-        self.served_bytes
-            .fetch_add(u64::from(len), Ordering::Relaxed);
-        Ok(buf)
-    }
-
-    /// Every present page of the original (inside `only` unless it is
-    /// empty), in runs of at most [`CHUNK`].
-    pub fn push(self: Arc<Self>, only: Vec<(u64, u64)>) -> EventStream<pb::PageRun> {
-        let (tx, rx) = mpsc::channel(4);
-        std::thread::spawn(move || {
-            let runs = match self.pages.present() {
-                Ok(r) if only.is_empty() => r,
-                Ok(r) => crate::pages::ranges::intersect(&r, &only),
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(Status::internal(format!("pagemap: {e}"))));
-                    return;
-                }
-            };
-            for (start, end) in runs {
-                let mut at = start;
-                while at < end {
-                    let len = usize::try_from(end - at).unwrap_or(CHUNK).min(CHUNK);
-                    let mut data = vec![0u8; len];
-                    if let Err(e) = self.pages.read(at, &mut data) {
-                        let _ = tx.blocking_send(Err(Status::internal(format!(
-                            "read {at:#x}+{len}: {e}"
-                        ))));
-                        return;
-                    }
-                    self.served_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    let run = pb::PageRun {
-                        addr: at,
-                        data: data.into(),
-                    };
-                    if tx.blocking_send(Ok(run)).is_err() {
-                        return;
-                    }
-                    at += len as u64;
-                }
-            }
-        });
-        Box::pin(ReceiverStream::new(rx))
+    /// Serves the frozen original's lazy memory `pages` for move
+    /// `move_id` on a new page channel on `ip`.
+    fn start(
+        ip: std::net::IpAddr,
+        move_id: u64,
+        pages: PageSource,
+        done: std_mpsc::Sender<pb::DrainedRequest>,
+    ) -> std::io::Result<Serving> {
+        let pages = Arc::new(pages);
+        let origin: Arc<dyn Origin> = Arc::clone(&pages) as Arc<dyn Origin>;
+        Ok(Serving {
+            server: PageServer::start(ip, move_id, origin)?,
+            pages,
+            done: Mutex::new(Some(done)),
+        })
     }
 
     /// The target has every page.
@@ -107,6 +70,12 @@ impl Serving {
         if let Some(tx) = self.done.lock().take() {
             let _ = tx.send(r);
         }
+    }
+
+    /// Stops serving: the listener and every page connection are closed.
+    fn close(&self) -> u64 {
+        self.server.close();
+        self.server.served_bytes()
     }
 }
 
@@ -443,6 +412,7 @@ impl Move {
                 }
                 let drained = drained_rx.recv_timeout(DRAIN_TIMEOUT);
                 let served = self.inner.sources.lock().remove(&self.move_id);
+                let served = served.map(|s| s.close());
                 if !complete {
                     end_original(&mut report);
                 }
@@ -461,16 +431,17 @@ impl Move {
                         "the target never said it had every page; the original was ended anyway"
                     ),
                 }
-                if let Some(s) = served {
-                    report.bytes += s.served_bytes.load(Ordering::Relaxed);
-                }
+                report.bytes += served.unwrap_or(0);
                 report.pid = ready.pid;
                 report.phases = std::mem::take(&mut self.phases);
                 report.total_ms = self.t0.elapsed().as_secs_f64() * 1e3;
                 Ok(report)
             }
             Err(e) => {
-                self.inner.sources.lock().remove(&self.move_id);
+                let served = self.inner.sources.lock().remove(&self.move_id);
+                if let Some(s) = served {
+                    s.close();
+                }
                 self.undo(&client, precopied, Some(frozen));
                 Err(e)
             }
@@ -525,11 +496,9 @@ impl Move {
         let pages =
             PageSource::new(self.pid, ranges).map_err(|e| AgentError::phase("capture", e))?;
         let (done_tx, done_rx) = std_mpsc::channel();
-        let serving = Arc::new(Serving {
-            pages,
-            served_bytes: AtomicU64::new(0),
-            done: Mutex::new(Some(done_tx)),
-        });
+        let serving = Serving::start(self.inner.cfg.listen.ip(), self.move_id, pages, done_tx)
+            .map_err(|e| AgentError::phase("capture", format!("start the page server: {e}")))?;
+        let serving = Arc::new(serving);
         self.inner
             .sources
             .lock()
@@ -577,6 +546,8 @@ impl Move {
                 .collect(),
             stdin_relay: self.relay.is_some(),
             stdin_pending: self.stdin_pending.clone(),
+            page_port: u32::from(serving.server.addr().port()),
+            page_token: serving.server.token().to_vec(),
         };
         let send = |m: receive_msg::Msg| {
             msg_tx

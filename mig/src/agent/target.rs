@@ -17,9 +17,11 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::precopy::{self, Store, StoreFirst};
+use super::precopy::{self, StoreFirst};
 use super::{AgentClient, AgentError, EventStream, Inner};
 use crate::image::format::{IMAGE_FILE, PAGES_FILE};
+use crate::pages::Store;
+use crate::pages::wire::{self, Link};
 use crate::pages::{LazyConfig, LazyPages, PageFetch, Preload};
 use crate::restore::{Extras, RestoreOptions};
 
@@ -75,102 +77,48 @@ fn why_not(r: &pb::PrepareRequest) -> Result<(), String> {
     Ok(())
 }
 
-/// How long a page fetch may take before the process is given up.
-const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The source's page server, as the fault handler sees it.
-struct RemotePages {
-    client: AgentClient,
-    move_id: u64,
-    rt: tokio::runtime::Handle,
-}
-
-impl PageFetch for RemotePages {
-    fn fetch(&self, addr: u64, len: usize) -> Result<Vec<u8>, String> {
-        let mut req = tonic::Request::new(pb::FetchRequest {
-            move_id: self.move_id,
-            addr,
-            len: u32::try_from(len).map_err(|_| format!("fetch of {len} bytes"))?,
-        });
-        // A faulting thread waits for this answer: never forever.
-        req.set_timeout(FETCH_TIMEOUT);
-        let mut c = self.client.clone();
-        let t = Instant::now();
-        let res = self
-            .rt
-            .block_on(c.fetch_pages(req))
-            .map(|r| r.into_inner().data.to_vec())
-            .map_err(|s| format!("page server: {}", s.message()));
-        tracing::debug!(
-            addr,
-            len,
-            ms = t.elapsed().as_secs_f64() * 1e3,
-            "page fetch"
-        );
-        res
-    }
-}
-
-/// Pulls every present page of the original and installs it; returns
-/// how many pages were new.
-fn pull_all(
-    rt: &tokio::runtime::Handle,
-    client: &AgentClient,
-    move_id: u64,
-    lazy: &LazyPages,
-    only: &[(u64, u64)],
-) -> Result<u64, String> {
-    let mut c = client.clone();
-    let only = only
-        .iter()
-        .map(|&(start, end)| pb::PageRange { start, end })
-        .collect();
-    // Receiving and installing overlap: the installer works on one run
-    // while the next ones arrive.
-    let (tx, rx) = std_mpsc::sync_channel::<pb::PageRun>(8);
-    std::thread::scope(|scope| {
-        let t0 = Instant::now();
-        let installer = scope.spawn(move || -> Result<u64, String> {
-            let (mut n, mut busy, mut bytes) = (0, std::time::Duration::ZERO, 0usize);
-            for run in rx {
-                let t = Instant::now();
-                n += lazy
-                    .install(run.addr, &run.data)
-                    .map_err(|e| format!("install {:#x}: {e}", run.addr))?;
-                busy += t.elapsed();
-                bytes += run.data.len();
-            }
-            tracing::info!(
-                move_id,
-                mib = bytes >> 20,
-                pages = n,
-                ms = t0.elapsed().as_millis(),
-                install_ms = busy.as_millis(),
-                "pages pulled"
-            );
-            Ok(n)
-        });
-        let received = rt.block_on(async {
-            let mut s = c
-                .push_pages(pb::PushRequest { move_id, only })
-                .await
-                .map_err(|s| format!("push: {}", s.message()))?
-                .into_inner();
-            while let Some(run) = s.next().await {
-                let run = run.map_err(|s| format!("push: {}", s.message()))?;
-                if tx.send(run).is_err() {
-                    // The installer stopped on an error: it says which.
-                    break;
-                }
-            }
-            Ok::<(), String>(())
-        });
-        drop(tx);
-        let installed = installer
-            .join()
-            .unwrap_or_else(|_| Err("the page installer panicked".into()));
-        received.and(installed)
+/// The page channel of the move `b` describes: the source agent's host,
+/// the port and token it named.
+fn link_of(b: &pb::ReceiveBegin) -> Result<Link, String> {
+    let agent: std::net::SocketAddr = b
+        .source_addr
+        .parse()
+        .map_err(|e| format!("source address {:?}: {e}", b.source_addr))?;
+    let port = u16::try_from(b.page_port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("the source named no page channel (port {})", b.page_port))?;
+    let token = b
+        .page_token
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("page channel token of {} bytes", b.page_token.len()))?;
+    Ok(Link {
+        addr: std::net::SocketAddr::new(agent.ip(), port),
+        move_id: b.move_id,
+        token,
     })
+}
+
+/// Pulls every present page of the original (inside `only` unless it is
+/// empty) over the page channel and installs it; returns how many pages
+/// were new.
+fn pull_all(link: &Link, lazy: &LazyPages, only: &[(u64, u64)]) -> Result<u64, String> {
+    let t0 = Instant::now();
+    let install = |addr: u64, data: &[u8]| {
+        lazy.install(addr, data)
+            .map_err(|e| format!("install {addr:#x}: {e}"))
+    };
+    let p = wire::pull(link, only, &install)?;
+    tracing::info!(
+        move_id = link.move_id,
+        mib = p.bytes >> 20,
+        pages = p.installed,
+        ms = t0.elapsed().as_millis(),
+        install_ms = p.install_time.as_millis(),
+        "pages pulled"
+    );
+    Ok(p.installed)
 }
 
 /// One move this node is the target of.
@@ -320,6 +268,10 @@ fn rebuild(
         Ok(c) => c,
         Err(e) => return send(failed("connect", e)),
     };
+    let link = match link_of(b) {
+        Ok(l) => l,
+        Err(e) => return send(failed("connect", e)),
+    };
     let copied = match precopied(&inner, b) {
         Ok(p) => p,
         Err(e) => return send(failed("precopy", e)),
@@ -341,21 +293,17 @@ fn rebuild(
     };
     let eager = Mode::try_from(b.mode) == Ok(Mode::Eager);
     let t_locks = t0.elapsed();
-    let (rt, c2, move_id) = (inner.rt.clone(), client.clone(), b.move_id);
+    let link2 = link.clone();
     let preloaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let pre = Arc::clone(&preloaded);
     let preload: Option<Preload> = (eager && copied.is_none()).then(|| {
         Box::new(move |lazy: &LazyPages| {
-            let n = pull_all(&rt, &c2, move_id, lazy, &[])?;
+            let n = pull_all(&link2, lazy, &[])?;
             pre.store(n, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         }) as Preload
     });
-    let remote: Arc<dyn PageFetch> = Arc::new(RemotePages {
-        client: client.clone(),
-        move_id: b.move_id,
-        rt: inner.rt.clone(),
-    });
+    let remote: Arc<dyn PageFetch> = Arc::new(wire::Fetcher::new(link.clone()));
     let fetch: Arc<dyn PageFetch> = match &copied {
         Some(p) => Arc::new(StoreFirst {
             store: Arc::clone(&p.store),
@@ -431,13 +379,12 @@ fn rebuild(
         Some(p) if p.stale.is_empty() => Pull::Nothing,
         Some(p) => Pull::Only(p.stale.clone()),
     };
-    // The push gets a connection of its own: on the faults' connection,
-    // a fault's reply would queue behind megabytes of pushed pages.
-    let push_client = inner.agent_at(&b.source_addr).unwrap_or(client);
+    // The push has a connection of its own (a bulk one): a fault's reply
+    // never queues behind pushed pages.
     drain(
         &inner,
-        &push_client,
-        b.move_id,
+        &client,
+        &link,
         restored.lazy,
         copied.map(|p| p.store),
         remote,
@@ -503,11 +450,12 @@ fn give_back(inner: &Inner, session: u64, to_pid: u32, held: Vec<migfs_proto::me
 fn drain(
     inner: &Inner,
     client: &AgentClient,
-    move_id: u64,
+    link: &Link,
     lazy: Option<LazyPages>,
     store: Option<Arc<Store>>,
     remote: Pull,
 ) {
+    let move_id = link.move_id;
     let mut report = pb::DrainedRequest {
         move_id,
         ..Default::default()
@@ -524,7 +472,7 @@ fn drain(
             Pull::Only(r) => Some(r),
         };
         if let Some(only) = only.filter(|_| report.error.is_empty()) {
-            match pull_all(&inner.rt, client, move_id, &lazy, &only) {
+            match pull_all(link, &lazy, &only) {
                 Ok(n) => report.pages_push = n,
                 Err(e) => report.error = e,
             }

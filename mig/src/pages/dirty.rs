@@ -110,6 +110,12 @@ const WRITTEN: Query = Query {
     ret: pagemap::PAGE_IS_WRITTEN,
 };
 
+/// Pages written since protected, left as they are (the last look).
+const WRITTEN_PEEK: Query = Query {
+    flags: 0,
+    ..WRITTEN
+};
+
 /// Pages of mappings without asynchronous write-protection.
 const UNTRACKED: Query = Query {
     flags: 0,
@@ -165,10 +171,20 @@ impl Tracker {
     /// The runs of pages that may have changed since the last collect (or
     /// start), in address order; written pages are protected again.
     pub fn collect(&mut self) -> Result<Vec<(u64, u64)>, MigError> {
+        self.collect_with(&WRITTEN)
+    }
+
+    /// The last [`Tracker::collect`], of a frozen process: the written
+    /// pages are not protected again (nothing is tracked after this).
+    pub fn collect_last(&mut self) -> Result<Vec<(u64, u64)>, MigError> {
+        self.collect_with(&WRITTEN_PEEK)
+    }
+
+    fn collect_with(&mut self, written: &Query) -> Result<Vec<(u64, u64)>, MigError> {
         // Presence before writes: a page discarded after this scan is
         // caught by the next collect.
         let present = self.scan_all(&PRESENT, "presence")?;
-        let written = self.scan_all(&WRITTEN, "written pages")?;
+        let written = self.scan_all(written, "written pages")?;
         let untracked = self.scan_all(&UNTRACKED, "untracked mappings")?;
         let mapped = self.mapped()?;
         let emptied = intersect(&subtract(&self.present, &present), &mapped);

@@ -6,19 +6,26 @@
 //! - [`lazy`]: the target's userfaultfd handler that fills the lazy ranges
 //!   on first touch, by a push, or before the process runs (preload);
 //! - [`dirty`]: dirty-page tracking of a running process for pre-copy;
-//! - [`ranges`]: the address-range arithmetic they share.
+//! - [`ranges`]: the address-range arithmetic they share;
+//! - [`store`]: pre-copied pages kept on the target until installed;
+//! - [`wire`]: the page channel (raw TCP, [`frame`]s) between the
+//!   source's page server and the target.
 
 pub mod dirty;
 mod fill;
+pub mod frame;
 pub mod lazy;
 pub mod ranges;
 pub mod source;
+pub mod store;
+pub mod wire;
 
 use migfs_proto::image::{Image, VmaKind};
 
 pub use dirty::Tracker;
 pub use lazy::{LazyConfig, LazyPages, LazyStats, PageFetch, Preload};
 pub use source::PageSource;
+pub use store::Store;
 
 /// Whether a mapping's pages may be left out of the image and fetched
 /// later: private anonymous memory (heap, stack, anonymous mappings) that

@@ -9,6 +9,7 @@ pub mod abi;
 pub mod clone3;
 pub mod inject;
 pub mod mem;
+pub mod net;
 pub mod pagemap;
 pub mod pipe;
 pub mod procfs;
