@@ -14,8 +14,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".migfs.block.v1.Block.data")
         .bytes(".migfs.block.v1.GetBlockReply.data")
-        .bytes(".migfs.agent.v1.FetchReply.data")
-        .bytes(".migfs.agent.v1.PageRun.data")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -41,57 +41,19 @@ pub async fn start(
             .map(tonic::Response::into_inner)
             .map_err(|s| AgentError::rpc(format!("start the task on {}", node.name), &s));
     }
-    let out = |p: &[u8], what: &str| -> Result<Stdio, AgentError> {
-        if p.is_empty() {
-            return Ok(Stdio::null());
-        }
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(std::path::Path::new(&OsString::from_vec(p.to_vec())))
-            .map_err(|e| {
-                AgentError::Invalid(format!("{what} {}: {e}", String::from_utf8_lossy(p)))
-            })?;
-        Ok(Stdio::from(f))
-    };
+    // Opening the output files (on /migfs, served by this very process)
+    // and starting the child block: never on a runtime worker, whose
+    // FUSE requests need the workers to make progress.
+    let req = r.clone();
+    let (pid, wr) = tokio::task::spawn_blocking(move || spawn_child(&req))
+        .await
+        .map_err(|e| AgentError::Invalid(format!("start the task: {e}")))??;
+    let relay = wr.map(super::stdin::Relay::new).transpose()?;
     let argv: Vec<OsString> = r
         .argv
         .iter()
         .map(|a| OsString::from_vec(a.clone()))
         .collect();
-    let (stdin, relay) = if r.stdin {
-        let (rd, wr) = crate::sys::pipe::relay_pipe()
-            .map_err(|e| AgentError::Invalid(format!("stdin pipe: {e}")))?;
-        (Stdio::from(rd), Some(super::stdin::Relay::new(wr)?))
-    } else {
-        (Stdio::null(), None)
-    };
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .stdin(stdin)
-        .stdout(out(&r.stdout, "stdout")?)
-        .stderr(out(&r.stderr, "stderr")?)
-        .uid(r.uid)
-        .gid(r.gid)
-        .process_group(0);
-    for kv in &r.env {
-        if let Some(eq) = kv.iter().position(|b| *b == b'=') {
-            cmd.env(
-                OsString::from_vec(kv[..eq].to_vec()),
-                OsString::from_vec(kv[eq + 1..].to_vec()),
-            );
-        }
-    }
-    if !r.cwd.is_empty() {
-        cmd.current_dir(OsString::from_vec(r.cwd.clone()));
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| AgentError::Invalid(format!("start {}: {e}", argv[0].to_string_lossy())))?;
-    let pid = child.id();
-    // The child is reaped by `watch_exit`, never by `Child::wait`.
-    drop(child);
     let cmdline: Vec<String> = argv
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
@@ -121,6 +83,61 @@ pub async fn start(
         task_id: task.task_id,
         pid,
     })
+}
+
+/// Opens the task's output files and starts it; returns its PID and the
+/// write end of its stdin relay pipe. Blocking.
+fn spawn_child(r: &pb::RunRequest) -> Result<(u32, Option<std::os::fd::OwnedFd>), AgentError> {
+    let out = |p: &[u8], what: &str| -> Result<Stdio, AgentError> {
+        if p.is_empty() {
+            return Ok(Stdio::null());
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(std::path::Path::new(&OsString::from_vec(p.to_vec())))
+            .map_err(|e| {
+                AgentError::Invalid(format!("{what} {}: {e}", String::from_utf8_lossy(p)))
+            })?;
+        Ok(Stdio::from(f))
+    };
+    let argv: Vec<OsString> = r
+        .argv
+        .iter()
+        .map(|a| OsString::from_vec(a.clone()))
+        .collect();
+    let (stdin, relay) = if r.stdin {
+        let (rd, wr) = crate::sys::pipe::relay_pipe()
+            .map_err(|e| AgentError::Invalid(format!("stdin pipe: {e}")))?;
+        (Stdio::from(rd), Some(wr))
+    } else {
+        (Stdio::null(), None)
+    };
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .stdin(stdin)
+        .stdout(out(&r.stdout, "stdout")?)
+        .stderr(out(&r.stderr, "stderr")?)
+        .uid(r.uid)
+        .gid(r.gid)
+        .process_group(0);
+    for kv in &r.env {
+        if let Some(eq) = kv.iter().position(|b| *b == b'=') {
+            cmd.env(
+                OsString::from_vec(kv[..eq].to_vec()),
+                OsString::from_vec(kv[eq + 1..].to_vec()),
+            );
+        }
+    }
+    if !r.cwd.is_empty() {
+        cmd.current_dir(OsString::from_vec(r.cwd.clone()));
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| AgentError::Invalid(format!("start {}: {e}", argv[0].to_string_lossy())))?;
+    // The child is reaped by `watch_exit`, never by `Child::wait`.
+    Ok((child.id(), relay))
 }
 
 /// Reports the exit of `pid` (task `task`) when it comes, and reaps it.
