@@ -1,4 +1,5 @@
-// Checkpoint test program: interval timers. ITIMER_REAL every 20 ms and
+// Checkpoint test program: interval timers. ITIMER_REAL every 2 ms (so it
+// always fires while the process is frozen, SIGALRM left pending) and
 // ITIMER_PROF every 10 ms of CPU; their SIGALRM / SIGPROF handlers count.
 // Every 10 ms of busy work appends
 // "alrm=<n> prof=<n> real_us=<interval> prof_us=<interval>" to argv[1].
@@ -23,7 +24,7 @@ int main(int argc, char **argv) {
     sigaction(SIGALRM, &sa, NULL);
     sa.sa_handler = on_prof;
     sigaction(SIGPROF, &sa, NULL);
-    struct itimerval real = {{0, 20000}, {0, 20000}};
+    struct itimerval real = {{0, 2000}, {0, 2000}};
     struct itimerval cpu = {{0, 10000}, {0, 10000}};
     setitimer(ITIMER_REAL, &real, NULL);
     setitimer(ITIMER_PROF, &cpu, NULL);

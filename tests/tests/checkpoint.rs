@@ -700,7 +700,7 @@ fn interval_timers_keep_firing_with_their_intervals_after_restore() {
     p.reap_child();
     let (a0, f0, _, _) = itimer_state(&out);
     let r = restore(&img, &[]);
-    // SIGALRM every 20 ms and SIGPROF every 10 ms of CPU keep coming: the
+    // SIGALRM every 2 ms and SIGPROF every 10 ms of CPU keep coming: the
     // timers were armed again, with their intervals.
     assert!(
         within(5000, || {
@@ -712,7 +712,7 @@ fn interval_timers_keep_firing_with_their_intervals_after_restore() {
         itimer_state(&out)
     );
     let (_, _, real_us, prof_us) = itimer_state(&out);
-    assert_eq!((real_us, prof_us), (20_000, 10_000));
+    assert_eq!((real_us, prof_us), (2_000, 10_000));
     drop(r);
 }
 
@@ -1303,13 +1303,7 @@ fn migfs_file_renamed_away_and_replaced_is_reopened_by_inode() {
 fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
     let Some(c) = cluster() else { return };
     let m = bin_str();
-    let quiet = prog("ckpt_quiet", false);
-    let pid = start_on(
-        &c,
-        "n1",
-        &[quiet.to_str().unwrap(), "/migfs/gone.txt", "unlink"],
-    )
-    .to_string();
+    let pid = start_unlinking_writer(&c);
     // Empty until the program has set up fd 7 (polled below).
     let lines = |node: &str, pid: &str| fd7_numbers(&c, node, pid);
     assert!(within(10_000, || lines("n1", &pid).len() >= 10));
@@ -1443,6 +1437,18 @@ fn fd7_numbers(c: &Cluster, node: &str, pid: &str) -> Vec<u64> {
         .collect()
 }
 
+/// `ckpt_quiet` on n1 writing numbers to /migfs/gone.txt through fd 7
+/// after unlinking it; its PID there.
+fn start_unlinking_writer(c: &Cluster) -> String {
+    let quiet = prog("ckpt_quiet", false);
+    start_on(
+        c,
+        "n1",
+        &[quiet.to_str().unwrap(), "/migfs/gone.txt", "unlink"],
+    )
+    .to_string()
+}
+
 fn assert_counts_up(v: &[u64]) {
     for (i, &x) in v.iter().enumerate() {
         assert_eq!(x, i as u64, "gap or duplicate at line {i}");
@@ -1453,13 +1459,7 @@ fn assert_counts_up(v: &[u64]) {
 fn unlinked_migfs_file_comes_back_from_its_ghost_after_a_plain_checkpoint() {
     let Some(c) = cluster() else { return };
     let m = bin_str();
-    let quiet = prog("ckpt_quiet", false);
-    let pid = start_on(
-        &c,
-        "n1",
-        &[quiet.to_str().unwrap(), "/migfs/gone.txt", "unlink"],
-    )
-    .to_string();
+    let pid = start_unlinking_writer(&c);
     assert!(within(10_000, || fd7_numbers(&c, "n1", &pid).len() >= 10));
     // A plain checkpoint ends the original, the last holder of the
     // unlinked file: only the copy in the image keeps its content.

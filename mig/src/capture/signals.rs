@@ -79,6 +79,11 @@ pub fn itimers(pid: Pid, remote: &Remote) -> Result<Vec<ITimer>, CaptureError> {
             |i: usize| i64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
         let (interval_us, value_us) =
             (word(0) * 1_000_000 + word(1), word(2) * 1_000_000 + word(3));
+        // A periodic real timer that fired during the freeze reads 0 left:
+        // the kernel arms it again only when SIGALRM is taken off the
+        // queue (that signal is captured as pending). It is still armed
+        // for the process: it comes back with a full period left.
+        let value_us = if value_us == 0 { interval_us } else { value_us };
         if value_us != 0 {
             out.push(ITimer {
                 which: which.unsigned_abs(),

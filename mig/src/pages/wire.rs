@@ -235,15 +235,21 @@ fn admit(sh: &Arc<Shared>, s: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// One connection: hello, then fetches or one pull.
-fn serve(sh: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Result<()> {
+/// Sets up an accepted connection (blocking, no Nagle, timeouts) and
+/// reads its hello.
+fn read_hello(s: &mut TcpStream) -> io::Result<Hello> {
     s.set_nonblocking(false)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(HELLO_TIMEOUT))?;
     s.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut b = [0u8; frame::HELLO_LEN];
     s.read_exact(&mut b)?;
-    let hello = Hello::decode(&b).map_err(io::Error::other)?;
+    Hello::decode(&b).map_err(io::Error::other)
+}
+
+/// One connection: hello, then fetches or one pull.
+fn serve(sh: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Result<()> {
+    let hello = read_hello(s)?;
     if hello.move_id != sh.move_id || !frame::same_token(&hello.token, &sh.token) {
         tracing::warn!(
             move_id = sh.move_id,
@@ -720,13 +726,7 @@ impl Rendezvous {
     }
 
     fn hello(&self, s: &mut TcpStream) -> io::Result<bool> {
-        s.set_nonblocking(false)?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(HELLO_TIMEOUT))?;
-        s.set_write_timeout(Some(WRITE_TIMEOUT))?;
-        let mut b = [0u8; frame::HELLO_LEN];
-        s.read_exact(&mut b)?;
-        let h = Hello::decode(&b).map_err(io::Error::other)?;
+        let h = read_hello(s)?;
         if h.kind != Kind::Pushed
             || h.move_id != self.move_id
             || !frame::same_token(&h.token, &self.token)

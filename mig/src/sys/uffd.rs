@@ -15,7 +15,7 @@
 //! `UFFD_FEATURE_WP_ASYNC`; `pidfd_getfd` needs 5.6.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 use nix::errno::Errno;
 
@@ -377,26 +377,8 @@ pub fn read_msg(fd: &OwnedFd) -> Result<Option<Msg>, Errno> {
 
 /// Waits until one of `fds` is readable (or hung up); returns which are.
 pub fn poll(fds: &[&OwnedFd]) -> Result<Vec<bool>, Errno> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|f| libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let n = libc::nfds_t::try_from(p.len()).map_err(|_| Errno::EINVAL)?;
-    loop {
-        // SAFETY: `p` is a valid array of `n` pollfds for the call.
-        let r = unsafe { libc::poll(p.as_mut_ptr(), n, -1) };
-        if r >= 0 {
-            return Ok(p.iter().map(|x| x.revents != 0).collect());
-        }
-        let e = Errno::last();
-        if e != Errno::EINTR {
-            return Err(e);
-        }
-    }
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    super::net::wait_readable(&borrowed, -1)
 }
 
 /// A non-blocking pipe (read end, write end) whose write end wakes a poller.
