@@ -94,8 +94,9 @@ fn resolve_into(r: &mut Resolved, img: &Image, dir: &Path) -> Result<(), Restore
         }
         let why = |why| refused(Step::CheckFiles, format!("{who}: {why}"));
         let path = match locate(f) {
-            Ok(p) if std::fs::metadata(&p).is_ok() || f.ghost.is_empty() => p,
-            Ok(_) | Err(_) if !f.ghost.is_empty() => {
+            Ok(p) if std::fs::metadata(&p).is_ok() => p,
+            // Gone, and its content travelled with the image.
+            _ if !f.ghost.is_empty() => {
                 let p = from_ghost(f, dir).map_err(why)?;
                 r.ghosts.push(p.clone().into());
                 p
