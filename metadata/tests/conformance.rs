@@ -204,6 +204,25 @@ conformance!(mem: get_put_remove, scan_is_ordered_bounded_and_limited,
 conformance!(sled: get_put_remove, scan_is_ordered_bounded_and_limited,
     batch_applies_every_write_in_order, ids_increase, large_batch_over_every_tree);
 
+/// Opens the sled database at `path` again in this process. sled's flusher
+/// thread lets go of the database's file lock a moment after the last
+/// handle is dropped, so an immediate reopen can find it still held.
+fn reopen(path: &std::path::Path) -> SledStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledStore::open(path) {
+            Ok(s) => return s,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopen {}: {e}", path.display()),
+        }
+    }
+}
+
 #[test]
 fn sled_data_and_ids_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,7 +235,7 @@ fn sled_data_and_ids_survive_reopen() {
         s.flush().unwrap();
         (0..10).map(|_| s.next_id().unwrap()).max().unwrap()
     };
-    let s = SledStore::open(dir.path()).unwrap();
+    let s = reopen(dir.path());
     assert_eq!(
         s.get(Tree::Inodes, &7u64.to_be_bytes()).unwrap(),
         Some(b"seven".to_vec())
@@ -248,7 +267,7 @@ fn write_behind_writes_everything_to_disk_and_loads_it_back() {
         );
         assert_eq!(disk.get(Tree::Inodes, &0u64.to_be_bytes()).unwrap(), None);
     }
-    let s = WriteBehind::open(Arc::new(SledStore::open(dir.path()).unwrap())).unwrap();
+    let s = WriteBehind::open(Arc::new(reopen(dir.path()))).unwrap();
     let all = s.scan(Tree::Inodes, &[], None, usize::MAX).unwrap();
     assert_eq!(all.len(), 1000);
     assert_eq!(
@@ -319,6 +338,6 @@ fn a_logged_store_reopened_on_sled_has_everything() {
         logged_batches(&s, 1000);
         s.flush().unwrap();
     }
-    let s = WriteBehind::open_logged(Arc::new(SledStore::open(&db).unwrap()), &db).unwrap();
+    let s = WriteBehind::open_logged(Arc::new(reopen(&db)), &db).unwrap();
     holds_logged_batches(&s, 1000);
 }

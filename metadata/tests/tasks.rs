@@ -182,3 +182,46 @@ async fn handed_over_locks_wait_for_their_process_and_can_be_given_back() {
     // Process 8's lock never moved.
     assert_eq!(b.test_lock(f.ino, 9, (25, 25), WR).await.3, 8);
 }
+
+#[tokio::test]
+async fn handed_over_flock_locks_move_with_their_process_and_come_back() {
+    let s = TestServer::start(Config::default()).await;
+    let mut a = s.node("a").await;
+    let mut b = s.node("b").await;
+    let f = a.create(ROOT, "f").await;
+    // Process 7 on a holds a flock on f and an fcntl lock on bytes 0-9.
+    assert!(a.lock(f.ino, 7, (0, u64::MAX), WR, true).await);
+    assert!(a.lock(f.ino, 7, (0, 9), WR, false).await);
+    let moved =
+        b.c.move_locks(pb::MoveLocksRequest {
+            from_session: a.sid,
+            from_pid: 7,
+            to_session: b.sid,
+            to_pid: 70,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .moved;
+    let mut kinds: Vec<bool> = moved.iter().map(|l| l.flock).collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, [false, true], "both locks move: {moved:?}");
+    // Pending: no other process, on either node, takes the flock.
+    assert!(!a.lock(f.ino, 9, (0, u64::MAX), WR, true).await);
+    assert!(!b.lock(f.ino, 8, (0, u64::MAX), WR, true).await);
+    // Process 70's flock request takes it; its fcntl lock is still pending
+    // for its first fcntl request.
+    assert!(b.lock(f.ino, 70, (0, u64::MAX), WR, true).await);
+    assert!(!b.lock(f.ino, 8, (0, 9), WR, false).await);
+    b.c.return_locks(pb::ReturnLocksRequest {
+        to_session: b.sid,
+        to_pid: 70,
+        locks: moved,
+    })
+    .await
+    .unwrap();
+    // Given back: a's owner 7 holds both again, 70 nothing.
+    assert!(!b.lock(f.ino, 70, (0, u64::MAX), WR, true).await);
+    assert!(a.lock(f.ino, 7, (0, u64::MAX), WR, true).await);
+    assert_eq!(b.test_lock(f.ino, 9, (0, 0), WR).await.3, 7);
+}

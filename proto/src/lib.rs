@@ -10,10 +10,12 @@
 //! - [`ids`]: `Ino`, `NodeId`, `SessionId`, `TaskId`, `BlockHash`.
 //! - [`errno`]: carrying a POSIX errno inside a `tonic::Status`.
 //! - [`auth`]: the cluster secret, presented on every call and checked.
+//! - [`control`]: what a node answers about its mount's files (flock ioctl).
 //! - [`frame`]: unary calls over plain framed TCP (the hot path).
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod control;
 pub mod errno;
 pub mod frame;
 pub mod ids;

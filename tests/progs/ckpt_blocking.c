@@ -4,6 +4,7 @@
 //   poll MS       poll(NULL, 0, MS)
 //   setlkw PATH   fcntl(F_SETLKW) write lock on PATH (held by someone else)
 //   hold PATH     takes a write lock on PATH with F_SETLK and idles
+//   flock PATH    takes flock(LOCK_EX | LOCK_NB) on PATH and idles
 //   read PATH     read() PATH whole, again and again for 3 s; reports the
 //                 first short or failed read, else rc=<reads>
 #include <errno.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -43,6 +45,9 @@ int main(int argc, char **argv) {
         int fd = open(argv[3], O_RDWR);
         struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
         rc = fcntl(fd, F_SETLK, &fl);
+    } else if (strcmp(argv[2], "flock") == 0) {
+        int fd = open(argv[3], O_RDWR);
+        rc = flock(fd, LOCK_EX | LOCK_NB);
     } else if (strcmp(argv[2], "read") == 0) {
         int fd = open(argv[3], O_RDONLY);
         struct stat st;

@@ -1341,16 +1341,32 @@ fn unlinked_migfs_file_is_reopened_by_inode_on_another_node() {
 
 #[test]
 fn fcntl_lock_on_migfs_stays_held_by_the_process_across_nodes() {
+    lock_on_migfs_stays_held_by_the_process_across_nodes("hold");
+}
+
+/// flock(2) locks live in the metadata server like fcntl ones, but belong
+/// to the open file and never conflict with fcntl locks: the restored
+/// process holds a flock again (not an fcntl lock in its place).
+#[test]
+fn flock_lock_on_migfs_stays_held_by_the_process_across_nodes() {
+    lock_on_migfs_stays_held_by_the_process_across_nodes("flock");
+}
+
+/// `ckpt_blocking MODE /migfs/lk` takes a lock on n1 (`hold`: an fcntl
+/// write lock, `flock`: flock LOCK_EX); it is checkpointed there, restored
+/// on n2, and the lock is held throughout, by the process only.
+fn lock_on_migfs_stays_held_by_the_process_across_nodes(mode: &str) {
     let Some(c) = cluster() else { return };
     let m = bin_str();
     let b = prog("ckpt_blocking", false);
     let b = b.to_str().unwrap();
     fs::write(c.path("n1", "lk"), b"lock me").unwrap();
     let report = |file: &str| fs::read_to_string(c.path("n1", file)).unwrap_or_default();
-    // Tries the lock from `node`; returns its report and stops the prober.
-    let probe = |node: &str, name: &str| -> String {
+    // Tries a lock of kind `how` from `node`; returns its report and stops
+    // the prober.
+    let probe = |node: &str, how: &str, name: &str| -> String {
         let file = format!("/migfs/{name}");
-        let pid = start_on(&c, node, &[b, &file, "hold", "/migfs/lk"]);
+        let pid = start_on(&c, node, &[b, &file, how, "/migfs/lk"]);
         assert!(
             within(10_000, || report(name).contains("rc=")),
             "{name}: no report"
@@ -1358,28 +1374,34 @@ fn fcntl_lock_on_migfs_stays_held_by_the_process_across_nodes() {
         c.exec_ok(node, &["kill", "-9", &pid.to_string()]);
         report(name)
     };
-    let holder = start_on(&c, "n1", &[b, "/migfs/holder.txt", "hold", "/migfs/lk"]).to_string();
+    let other = if mode == "flock" { "hold" } else { "flock" };
+    let holder = start_on(&c, "n1", &[b, "/migfs/holder.txt", mode, "/migfs/lk"]).to_string();
     assert!(
         within(10_000, || report("holder.txt").contains("rc=0 ")),
         "{}",
         report("holder.txt")
     );
     assert!(
-        probe("n2", "p1.txt").contains("rc=-1 errno=11 "),
-        "the lock is not held at first"
+        probe("n2", mode, "p1.txt").contains("rc=-1 errno=11 "),
+        "the {mode} lock is not held at first"
     );
     c.exec_ok("n1", &[&m, "checkpoint", &holder, "--to", "/migfs/img"]);
     let restored = c
         .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img"])
         .trim()
         .to_owned();
-    let p2 = probe("n1", "p2.txt");
+    let p2 = probe("n1", mode, "p2.txt");
     assert!(
         p2.contains("rc=-1 errno=11 "),
-        "the restored process does not hold the lock: {p2}"
+        "the restored process does not hold the {mode} lock: {p2}"
+    );
+    let p2other = probe("n1", other, "p2-other.txt");
+    assert!(
+        p2other.contains("rc=0 "),
+        "a {other} lock must not conflict with the restored {mode} lock: {p2other}"
     );
     c.exec_ok("n2", &["kill", "-9", &restored]);
-    let p3 = probe("n1", "p3.txt");
+    let p3 = probe("n1", mode, "p3.txt");
     assert!(
         p3.contains("rc=0 "),
         "the lock should be free once the restored process is gone: {p3}"

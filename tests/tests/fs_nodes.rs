@@ -209,6 +209,68 @@ fn fcntl_and_flock_locks_taken_on_n1_block_n2() {
     }
 }
 
+/// flock(2) and fcntl locks on /migfs follow Linux's rules, across nodes:
+/// the two kinds never conflict; a flock belongs to the open file (two
+/// opens of one process conflict, a closed duplicate keeps it), an fcntl
+/// lock to the process (its opens share it, any close drops it).
+#[test]
+fn flock_and_fcntl_locks_keep_their_own_rules() {
+    if !require_priv() {
+        return;
+    }
+    let c = Cluster::up(2);
+    fs::write(c.path("n1", "lockfile"), b"l").unwrap();
+    let holder = c.spawn_detached("n1", &["python3", "-c", &lock_script("flock", true)]);
+    assert!(
+        within(10_000, || c.path("n1", "held-flock").exists()),
+        "flock holder on n1 never took the lock"
+    );
+    let o = c.exec("n2", &["python3", "-c", &lock_script("fcntl", false)]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "acquired",
+        "an fcntl lock on n2 must not conflict with n1's flock: {}",
+        text(&o)
+    );
+    c.exec("n1", &["kill", "-9", &holder.to_string()]);
+    let script = r#"
+import fcntl, os, subprocess
+def other(kind):
+    take = {"flock": "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+            "fcntl": "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"}[kind]
+    code = ("import fcntl\nf = open('/migfs/rules', 'r+')\ntry:\n    " + take
+            + "\n    print('acquired')\nexcept OSError:\n    print('busy')")
+    return subprocess.run(["python3", "-c", code], capture_output=True, text=True).stdout.strip()
+open('/migfs/rules', 'w').write('x')
+a = open('/migfs/rules', 'r+'); b = open('/migfs/rules', 'r+')
+fcntl.flock(a, fcntl.LOCK_EX)
+try:
+    fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB); print('flock second open: acquired')
+except OSError:
+    print('flock second open: busy')
+os.close(os.dup(a.fileno()))
+print('flock after closing a dup:', other('flock'))
+fcntl.flock(a, fcntl.LOCK_UN)
+print('flock after unlock:', other('flock'))
+fcntl.lockf(a, fcntl.LOCK_EX)
+fcntl.lockf(b, fcntl.LOCK_EX | fcntl.LOCK_NB); print('fcntl second open: acquired')
+print('fcntl held:', other('fcntl'))
+os.close(os.dup(a.fileno()))
+print('fcntl after closing a dup:', other('fcntl'))
+"#;
+    let out = c.exec_ok("n1", &["python3", "-c", script]);
+    assert_eq!(
+        out.trim(),
+        "flock second open: busy\n\
+         flock after closing a dup: busy\n\
+         flock after unlock: acquired\n\
+         fcntl second open: acquired\n\
+         fcntl held: busy\n\
+         fcntl after closing a dup: acquired",
+        "{out}"
+    );
+}
+
 /// A file appended on n1 without pause (never closed, so published only
 /// by the periodic publish) and read on n2 meanwhile: n2 never sees a size
 /// ahead of the data (no zeros), and at the end every line is there once.

@@ -396,11 +396,12 @@ fn two_moves_of_one_task_at_once_one_wins() {
     );
 }
 
-/// An fcntl lock on a /migfs file stays held by the moved process: a
-/// process on either node cannot take it, and it is free once the moved
-/// process ends.
+/// An fcntl lock and a flock lock on /migfs files stay held by the moved
+/// process: a process on either node cannot take them, they are flock and
+/// fcntl still (a lock of the other kind is free), and they are free once
+/// the moved process ends.
 #[test]
-fn fcntl_lock_on_migfs_stays_held_across_the_move() {
+fn fcntl_and_flock_locks_on_migfs_stay_held_across_the_move() {
     let Some(c) = cluster() else { return };
     let state = prog("ckpt_state", false);
     for f in ["s.txt", "r.txt", "l.txt", "f.txt"] {
@@ -418,26 +419,38 @@ fn fcntl_lock_on_migfs_stays_held_across_the_move() {
             "/migfs/f.txt",
         ],
     );
-    let probe = |node: &str| {
-        c.exec_ok(node,
-            &[
-                "python3",
-                "-c",
-                "import fcntl,sys\nf=open('/migfs/l.txt','r+')\ntry:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB, 10, 0)\n print('got')\nexcept OSError:\n print('busy')",
-            ],
-        )
-        .trim()
-        .to_owned()
+    // ckpt_state holds an fcntl write lock on bytes 0-9 of l.txt and a
+    // shared flock on f.txt.
+    let probe = |node: &str, file: &str, take: &str| {
+        let code = format!(
+            "import fcntl,sys\nf=open('/migfs/{file}','r+')\ntry:\n {take}\n print('got')\nexcept OSError:\n print('busy')"
+        );
+        c.exec_ok(node, &["python3", "-c", &code]).trim().to_owned()
     };
-    assert!(within(10_000, || probe("n2") == "busy"));
+    let fcntl = |node: &str, file: &str| {
+        probe(
+            node,
+            file,
+            "fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB, 10, 0)",
+        )
+    };
+    let flock =
+        |node: &str, file: &str| probe(node, file, "fcntl.flock(f, fcntl.LOCK_EX|fcntl.LOCK_NB)");
+    assert!(within(10_000, || fcntl("n2", "l.txt") == "busy"));
+    assert_eq!(flock("n2", "f.txt"), "busy");
     let r = move_json(&c, "n1", &pid.to_string(), "n2", &[]);
     let pid2 = field(&r, "pid");
-    assert_eq!(probe("n1"), "busy");
-    assert_eq!(probe("n2"), "busy");
+    for node in ["n1", "n2"] {
+        assert_eq!(fcntl(node, "l.txt"), "busy", "fcntl lock on {node}");
+        assert_eq!(flock(node, "f.txt"), "busy", "flock lock on {node}");
+        assert_eq!(flock(node, "l.txt"), "got", "l.txt holds no flock");
+        assert_eq!(fcntl(node, "f.txt"), "got", "f.txt holds no fcntl lock");
+    }
     c.exec_ok("n2", &["kill", "-9", &pid2.to_string()]);
     assert!(
-        within(10_000, || probe("n1") == "got"),
-        "the lock was not freed"
+        within(10_000, || fcntl("n1", "l.txt") == "got"
+            && flock("n1", "f.txt") == "got"),
+        "the locks were not freed"
     );
 }
 

@@ -8,12 +8,14 @@
 //! - [`attr`]: wire attributes → kernel attributes.
 //! - [`data`]: write buffers, uploads, commits, reads.
 //! - [`ops`]: namespace operations (lookup, create, rename, ...).
+//! - [`lock`]: fcntl and flock locks (told apart by the caller's system call).
 //! - [`control`]: the hidden `/.migfs` directory (`by-inode/<ino>`, `stats`).
 
 pub mod attr;
 pub mod closes;
 pub mod control;
 pub mod data;
+pub mod lock;
 pub mod ops;
 
 use std::collections::HashMap;
@@ -24,11 +26,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags,
+    KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLock, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use migfs_proto::control::{FlockHeld, IOC_FLOCK_HELD};
 use migfs_proto::meta::Attr;
 use parking_lot::Mutex;
 
@@ -65,6 +68,8 @@ pub struct Shared {
     /// dropped at close (FUSE flush), since the kernel does not track
     /// locks a FUSE filesystem manages itself.
     locked: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// The flock lock each open file holds, by file handle.
+    flocks: Mutex<HashMap<u64, migfs_proto::control::FlockHeld>>,
     /// Extra `name value` lines of `/.migfs/stats` (node name, agent socket).
     pub info: Vec<(String, String)>,
     /// Releases of closed files on their way to the metadata server.
@@ -84,6 +89,7 @@ impl Shared {
             notifier: OnceLock::new(),
             ttls,
             locked: Mutex::new(std::collections::HashSet::new()),
+            flocks: Mutex::new(HashMap::new()),
             info: Vec::new(),
         }
     }
@@ -681,15 +687,16 @@ impl Filesystem for MigFs {
         pid: u32,
         reply: ReplyLock,
     ) {
-        let l = ops::Lock {
+        let l = lock::Lock {
             ino: ino.0,
             owner: lock_owner.0,
             start,
             end,
             typ,
             pid,
+            flock: false,
         };
-        match self.run(ops::getlk(&self.sh, l)) {
+        match self.run(lock::getlk(&self.sh, l)) {
             Ok(r) => reply.locked(r.start, r.end, r.typ, r.pid),
             Err(e) => reply.error(e),
         }
@@ -697,9 +704,9 @@ impl Filesystem for MigFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -708,18 +715,37 @@ impl Filesystem for MigFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let l = ops::Lock {
+        let l = lock::Lock {
             ino: ino.0,
             owner: lock_owner.0,
             start,
             end,
             typ,
             pid,
+            flock: lock::in_flock_call(req.pid()),
         };
-        match self.run(ops::setlk(&self.sh, l, sleep)) {
+        match self.run(lock::setlk(&self.sh, fh, l, sleep)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let size_ok = usize::try_from(out_size).is_ok_and(|n| n == FlockHeld::LEN);
+        if control::is_control(ino.0) || cmd != IOC_FLOCK_HELD || !size_ok {
+            return reply.error(Errno::ENOTTY);
+        }
+        reply.ioctl(0, &lock::flock_held(&self.sh, fh).encode());
     }
 
     fn fallocate(

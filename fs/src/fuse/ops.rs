@@ -3,18 +3,18 @@
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
-use std::time::Duration;
 
 use fuser::{FileHandle, Request};
 use migfs_proto::meta::{
-    Attr, Empty, EntryReply, FallocateRequest, InoRequest, LinkRequest, LockReply, LockRequest,
-    LookupRequest, MknodRequest, NameRequest, OpenRequest, ReadDirRequest, RenameRequest,
-    SetAttrRequest, SetXattrRequest, StatFsReply, SymlinkRequest, XattrRequest,
+    Attr, Empty, EntryReply, FallocateRequest, InoRequest, LinkRequest, LookupRequest,
+    MknodRequest, NameRequest, OpenRequest, ReadDirRequest, RenameRequest, SetAttrRequest,
+    SetXattrRequest, StatFsReply, SymlinkRequest, XattrRequest,
 };
 
 use super::Shared;
 use super::control;
 use super::data::FileData;
+use super::lock;
 use crate::error::{FsError, Result};
 
 /// Longest name the metadata server accepts.
@@ -46,23 +46,6 @@ impl Make {
             gid: req.gid(),
         }
     }
-}
-
-/// A lock request from the kernel.
-#[derive(Debug, Clone, Copy)]
-pub struct Lock {
-    /// Inode.
-    pub ino: u64,
-    /// Kernel lock owner.
-    pub owner: u64,
-    /// First byte.
-    pub start: u64,
-    /// Last byte (inclusive).
-    pub end: u64,
-    /// F_RDLCK, F_WRLCK or F_UNLCK.
-    pub typ: i32,
-    /// Requesting pid.
-    pub pid: u32,
 }
 
 fn name_bytes(name: &OsStr) -> Vec<u8> {
@@ -490,17 +473,7 @@ pub async fn flush(sh: &Shared, ino: u64, fh: FileHandle, owner: u64) -> Result<
     } else {
         Ok(())
     };
-    if sh.locked.lock().remove(&(ino, owner)) {
-        let l = Lock {
-            ino,
-            owner,
-            start: 0,
-            end: u64::MAX,
-            typ: libc::F_UNLCK,
-            pid: 0,
-        };
-        setlk_once(sh, l, false).await?;
-    }
+    lock::drop_at_close(sh, ino, owner).await?;
     res
 }
 
@@ -518,19 +491,7 @@ pub async fn release(sh: &Shared, ino: u64, fh: FileHandle, owner: Option<u64>) 
     } else {
         Ok(())
     };
-    if let Some(owner) = owner {
-        let l = Lock {
-            ino,
-            owner,
-            start: 0,
-            end: u64::MAX,
-            typ: libc::F_UNLCK,
-            pid: 0,
-        };
-        if let Err(e) = setlk_once(sh, l, false).await {
-            tracing::warn!(ino, error = %e, "dropping flock locks at release failed");
-        }
-    }
+    lock::drop_at_release(sh, ino, fh, owner).await;
     let last = {
         let mut st = fd.st.lock();
         st.opens = st.opens.saturating_sub(1);
@@ -701,59 +662,6 @@ pub async fn removexattr(sh: &Shared, ino: u64, name: &OsStr) -> Result<()> {
         .await?;
     sh.cache.drop_attr(ino);
     Ok(())
-}
-
-fn lock_req(sh: &Shared, l: Lock, flock: bool) -> LockRequest {
-    LockRequest {
-        session_id: sh.data.meta.session(),
-        ino: l.ino,
-        owner: l.owner,
-        start: l.start,
-        end: l.end,
-        typ: l.typ,
-        pid: l.pid,
-        flock,
-    }
-}
-
-/// The first lock that would conflict with `l`.
-pub async fn getlk(sh: &Shared, l: Lock) -> Result<LockReply> {
-    let req = lock_req(sh, l, false);
-    sh.data
-        .meta
-        .call("getlk", |mut c| async move { c.get_lock(req).await })
-        .await
-}
-
-async fn setlk_once(sh: &Shared, l: Lock, flock: bool) -> Result<bool> {
-    let req = lock_req(sh, l, flock);
-    let r = sh
-        .data
-        .meta
-        .call("setlk", |mut c| async move { c.set_lock(req).await })
-        .await?;
-    Ok(r.granted)
-}
-
-/// Takes or drops a lock; with `sleep`, waits until it can be taken.
-pub async fn setlk(sh: &Shared, l: Lock, sleep: bool) -> Result<()> {
-    let mut wait = Duration::from_millis(1);
-    loop {
-        if setlk_once(sh, l, false).await? {
-            if l.typ != libc::F_UNLCK {
-                sh.locked.lock().insert((l.ino, l.owner));
-            }
-            return Ok(());
-        }
-        if !sleep {
-            return Err(FsError::Local {
-                op: "setlk",
-                errno: libc::EAGAIN,
-            });
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(50));
-    }
 }
 
 /// Preallocates (mode 0 extends the size; KEEP_SIZE is accepted).

@@ -186,13 +186,28 @@ fn set_posix(mine: Vec<LockRec>, req: &LockReq) -> Vec<LockRec> {
 }
 
 /// A migrated process's first lock request takes the locks handed over
-/// to it: they become the request owner's.
+/// to it: they become the request owner's. fcntl locks have one owner per
+/// process, so the first fcntl request takes them all; a flock lock belongs
+/// to one open file, so a flock request takes one (the process may have
+/// held flock locks through several open files of the inode), one of its
+/// own type if there is such.
 fn claim(all: &mut [LockRec], req: &LockReq) {
-    for l in all.iter_mut() {
-        if l.pending && l.session == req.session && l.pid == req.pid && l.flock == req.flock {
-            l.pending = false;
-            l.owner = req.owner;
+    let mine = |l: &LockRec| {
+        l.pending && l.session == req.session && l.pid == req.pid && l.flock == req.flock
+    };
+    if req.flock {
+        let same_type = all
+            .iter()
+            .position(|l| mine(l) && i32::from(l.typ) == req.typ);
+        if let Some(i) = same_type.or_else(|| all.iter().position(&mine)) {
+            all[i].pending = false;
+            all[i].owner = req.owner;
         }
+        return;
+    }
+    for l in all.iter_mut().filter(|l| mine(l)) {
+        l.pending = false;
+        l.owner = req.owner;
     }
 }
 
@@ -209,7 +224,7 @@ pub struct Held {
     pub rec: LockRec,
 }
 
-/// Hands every fcntl lock process `from_pid` holds in `from` to session
+/// Hands every fcntl and flock lock process `from_pid` holds in `from` to session
 /// `to`, pending until process `to_pid` there claims it (its first lock
 /// request on the inode, normally the restore taking it again). Returns the
 /// locks as they were, for [`return_locks`].
@@ -233,7 +248,7 @@ pub fn move_locks(
         let mut all = load(t, ino)?;
         let mut touched = false;
         for l in &mut all {
-            if l.session == from && l.pid == from_pid && !l.flock && !l.pending {
+            if l.session == from && l.pid == from_pid && !l.pending {
                 moved.push(Held { ino, rec: *l });
                 l.session = to;
                 l.owner = PENDING_OWNER;
@@ -260,7 +275,7 @@ pub fn return_locks(t: &mut Txn<'_>, to: u64, to_pid: u32, held: &[Held]) -> Res
     for ino in inos {
         let mut all: Vec<LockRec> = load(t, ino)?
             .into_iter()
-            .filter(|l| !(l.session == to && l.pid == to_pid && !l.flock))
+            .filter(|l| !(l.session == to && l.pid == to_pid))
             .collect();
         let back: Vec<LockRec> = held
             .iter()
@@ -327,6 +342,39 @@ mod tests {
         };
         claim(&mut all, &me);
         assert!(!all[0].pending && all[0].owner == 3 && !me.conflicts_with(&all[0]));
+    }
+
+    #[test]
+    fn each_flock_request_claims_one_pending_flock_of_its_type_first() {
+        let pending = |typ| LockRec {
+            session: 1,
+            owner: PENDING_OWNER,
+            flock: true,
+            typ,
+            start: 0,
+            end: u64::MAX,
+            pid: 7,
+            pending: true,
+        };
+        let mut all = vec![pending(1), pending(0)];
+        let flock = |owner, typ| LockReq {
+            owner,
+            flock: true,
+            ..req(0, u64::MAX, typ)
+        };
+        let fcntl = LockReq {
+            owner: 9,
+            ..req(0, 9, F_WRLCK)
+        };
+        claim(&mut all, &fcntl);
+        assert!(
+            all.iter().all(|l| l.pending),
+            "an fcntl request takes no flock"
+        );
+        claim(&mut all, &flock(3, F_RDLCK));
+        assert!(all[0].pending && !all[1].pending && all[1].owner == 3);
+        claim(&mut all, &flock(4, F_WRLCK));
+        assert!(!all[0].pending && all[0].owner == 4 && all[1].owner == 3);
     }
 
     fn ranges(v: &[LockRec]) -> Vec<(u64, u64, u8)> {

@@ -696,6 +696,7 @@ fn held_to_pb(h: &locks::Held) -> pb::HeldLock {
         end: h.rec.end,
         typ: i32::from(h.rec.typ),
         pid: h.rec.pid,
+        flock: h.rec.flock,
     }
 }
 
@@ -712,7 +713,7 @@ fn held_from_pb(h: &pb::HeldLock) -> Result<locks::Held> {
         rec: crate::schema::LockRec {
             session: h.session_id,
             owner: h.owner,
-            flock: false,
+            flock: h.flock,
             typ,
             start: h.start,
             end: h.end,

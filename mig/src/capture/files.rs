@@ -150,6 +150,49 @@ pub fn hash_file(path: &str, size: u64) -> std::io::Result<Vec<u8>> {
     Ok(h.finalize().as_bytes().to_vec())
 }
 
+/// The flock(2) lock held through the open file behind `fd` of process
+/// `p`, a file on migfs: the node answers for that open file, so it is
+/// taken (`pidfd_getfd`) rather than opened again. A lock some other
+/// process took through a shared open file is refused: it stays with that
+/// process and cannot move with this one.
+fn migfs_flock(
+    pidfd: &std::os::fd::OwnedFd,
+    p: i32,
+    fd: i32,
+    link: &str,
+) -> Result<Option<procfs::LockLine>, CaptureError> {
+    let ours = crate::sys::uffd::pidfd_getfd(pidfd, fd).map_err(|source| CaptureError::Io {
+        pid: p,
+        what: format!("fd {fd}: pidfd_getfd of {link}"),
+        source,
+    })?;
+    let held = task::migfs_flock_held(&ours).map_err(|errno| CaptureError::Sys {
+        pid: p,
+        what: format!("fd {fd}: asking the node for the flock lock on {link}"),
+        errno,
+    })?;
+    if !held.held() {
+        return Ok(None);
+    }
+    if i64::from(held.pid) != i64::from(p) {
+        return Err(CaptureError::Unsupported {
+            pid: p,
+            what: format!(
+                "fd {fd}: the flock lock on {link} was taken by process {} through an open \
+                 file this process shares",
+                held.pid
+            ),
+        });
+    }
+    Ok(Some(procfs::LockLine {
+        class: "FLOCK".into(),
+        write: held.typ == libc::F_WRLCK,
+        pid: i64::from(held.pid),
+        start: 0,
+        end: None,
+    }))
+}
+
 /// Every descriptor and the locks held through them. Each file on migfs
 /// is reopened (for its locks) and closed, which publishes what the
 /// process wrote to it before the image is written.
@@ -170,6 +213,7 @@ pub fn fds(
     let mut locks = Vec::new();
     let mut posix_seen = Vec::new();
     let mut probed = Vec::new();
+    let mut pidfd = None;
     for fd in procfs::numeric_dir(&format!("/proc/{pid}/fd")).map_err(io("list fds".into()))? {
         let proc_path = format!("/proc/{pid}/fd/{fd}");
         let link = std::fs::read_link(&proc_path).map_err(io(format!("fd {fd}")))?;
@@ -213,6 +257,15 @@ pub fn fds(
                 errno,
             })?;
             lines.extend(held);
+        }
+        if migfs && kind == Movable::Regular && dup_of < 0 {
+            if pidfd.is_none() {
+                let f = crate::sys::reap::pidfd_open(p).map_err(io("pidfd_open".into()))?;
+                pidfd = Some(f);
+            }
+            if let Some(pidfd) = &pidfd {
+                lines.extend(migfs_flock(pidfd, p, fd, &link)?);
+            }
         }
         for l in &lines {
             let kind = match l.class.as_str() {

@@ -1,5 +1,5 @@
 //! Per-task queries made from outside the task: robust futex list,
-//! `kcmp`, resource limits.
+//! `kcmp`, resource limits, locks held on migfs files.
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -131,4 +131,27 @@ pub fn posix_locks_of(f: &std::fs::File, pid: i32) -> Result<Vec<super::procfs::
         }
     }
     Ok(out)
+}
+
+/// The flock(2) lock held through open file `f` of a migfs mount (the
+/// node's `IOC_FLOCK_HELD` ioctl; `f` must be the process's own open file,
+/// taken with `pidfd_getfd`, since a flock belongs to one open file).
+/// ENOTTY from a filesystem that is not migfs.
+pub fn migfs_flock_held(
+    f: &impl std::os::fd::AsRawFd,
+) -> Result<migfs_proto::control::FlockHeld, Errno> {
+    use migfs_proto::control::{FlockHeld, IOC_FLOCK_HELD};
+    let mut out = [0u8; FlockHeld::LEN];
+    // SAFETY: IOC_FLOCK_HELD is an _IOR request of FlockHeld::LEN bytes
+    // and `out` is a live buffer of exactly that size; the kernel writes
+    // at most that many bytes.
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            libc::Ioctl::from(IOC_FLOCK_HELD),
+            out.as_mut_ptr(),
+        )
+    };
+    Errno::result(r)?;
+    FlockHeld::decode(&out).ok_or(Errno::EPROTO)
 }
