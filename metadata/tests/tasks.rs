@@ -225,3 +225,78 @@ async fn handed_over_flock_locks_move_with_their_process_and_come_back() {
     assert!(a.lock(f.ino, 7, (0, u64::MAX), WR, true).await);
     assert_eq!(b.test_lock(f.ino, 9, (0, 0), WR).await.3, 7);
 }
+
+#[tokio::test]
+async fn parked_locks_stay_held_until_claimed_given_back_or_dropped() {
+    let s = TestServer::start(Config::default()).await;
+    let mut a = s.node("a").await;
+    let mut b = s.node("b").await;
+    let f = a.create(ROOT, "f").await;
+    assert!(a.lock(f.ino, 7, (0, u64::MAX), WR, true).await);
+    assert!(a.lock(f.ino, 7, (0, 9), WR, false).await);
+    let (a_sid, b_sid) = (a.sid, b.sid);
+    let park = |token| pb::ParkLocksRequest {
+        session_id: a_sid,
+        pid: 7,
+        token,
+    };
+    let refused = a.c.park_locks(park(0)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let n = a.c.park_locks(park(42)).await.unwrap().into_inner().locks;
+    assert_eq!(n, 2);
+    // Parked: held by nobody, not even their old owner.
+    assert!(!a.lock(f.ino, 7, (0, u64::MAX), WR, true).await);
+    assert!(!a.lock(f.ino, 7, (0, 9), WR, false).await);
+    assert!(!b.lock(f.ino, 8, (0, 9), WR, false).await);
+    let claim = |token| pb::ClaimParkedRequest {
+        from_session: a_sid,
+        token,
+        to_session: b_sid,
+        to_pid: 70,
+    };
+    let none =
+        b.c.claim_parked(claim(43))
+            .await
+            .unwrap()
+            .into_inner()
+            .moved;
+    assert!(none.is_empty(), "another token claims nothing");
+    let claimed =
+        b.c.claim_parked(claim(42))
+            .await
+            .unwrap()
+            .into_inner()
+            .moved;
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|l| l.pending && l.owner == 42));
+    // Only process 70 of b takes them.
+    assert!(!b.lock(f.ino, 8, (0, u64::MAX), WR, true).await);
+    assert!(b.lock(f.ino, 70, (0, u64::MAX), WR, true).await);
+    assert!(b.lock(f.ino, 70, (0, 9), WR, false).await);
+    // A failed restore gives them back: parked again, claimable again.
+    b.c.return_locks(pb::ReturnLocksRequest {
+        to_session: b.sid,
+        to_pid: 70,
+        locks: claimed,
+    })
+    .await
+    .unwrap();
+    assert!(!b.lock(f.ino, 70, (0, 9), WR, false).await);
+    assert!(!a.lock(f.ino, 7, (0, 9), WR, false).await);
+    // Dropped: free for anyone; a later claim finds nothing.
+    a.c.drop_parked(pb::DropParkedRequest {
+        session_id: a.sid,
+        token: 42,
+    })
+    .await
+    .unwrap();
+    assert!(b.lock(f.ino, 8, (0, 9), WR, false).await);
+    assert!(b.lock(f.ino, 8, (0, u64::MAX), WR, true).await);
+    let late =
+        b.c.claim_parked(claim(42))
+            .await
+            .unwrap()
+            .into_inner()
+            .moved;
+    assert!(late.is_empty());
+}

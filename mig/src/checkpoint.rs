@@ -3,6 +3,7 @@
 //! capture thaws the process untouched.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -12,15 +13,39 @@ use crate::capture::{self, CaptureOptions, CaptureStats};
 /// Deleted files up to this size travel in the image (see
 /// [`CaptureOptions::ghost_limit`]).
 pub const GHOST_LIMIT: u64 = 64 << 20;
-use crate::error::{FreezeError, MigError};
+use crate::error::{CaptureError, FreezeError, MigError};
 use crate::freeze;
+use crate::image::park::{self, LockPark};
 use crate::sys::procfs;
 
-/// Knobs of [`checkpoint`].
+/// Keeps the locks a checkpointed process holds on migfs files held after
+/// it ends, until a restore claims them: the node's agent parks them
+/// (`agent::parked`) and, if the checkpoint fails afterwards, gives them
+/// back to the process.
+pub trait LockParking: Send + Sync {
+    /// Parks the locks of `pid` (as its node numbers it).
+    fn park(&self, pid: i32) -> Result<Parked, String>;
+    /// Gives `parked` back to the process, which keeps running.
+    fn unpark(&self, parked: Parked) -> Result<(), String>;
+}
+
+/// Locks a [`LockParking`] parked.
 #[derive(Clone, Debug)]
+pub struct Parked {
+    /// Where, as written into the image.
+    pub park: LockPark,
+    /// The locks as they were (for [`LockParking::unpark`]).
+    pub held: Vec<migfs_proto::meta::HeldLock>,
+}
+
+/// Knobs of [`checkpoint`].
+#[derive(Clone)]
 pub struct CheckpointOptions {
     /// Thaw the process afterwards instead of ending it.
     pub leave_running: bool,
+    /// Park the process's locks on migfs before ending it (none: they go
+    /// with it, and the restore takes them again afresh).
+    pub park: Option<Arc<dyn LockParking>>,
     /// Give up when a thread does not stop within this time.
     pub freeze_timeout: Duration,
     /// Capture knobs.
@@ -31,6 +56,7 @@ impl Default for CheckpointOptions {
     fn default() -> Self {
         CheckpointOptions {
             leave_running: false,
+            park: None,
             freeze_timeout: Duration::from_secs(10),
             capture: CaptureOptions {
                 ghost_limit: GHOST_LIMIT,
@@ -84,6 +110,12 @@ pub fn checkpoint(
     if opts.leave_running {
         thaw(frozen);
     } else {
+        if let Some(parking) = opts.park.as_deref().filter(|_| capture.migfs_locks > 0)
+            && let Err(e) = park_locks(parking, pid, dir)
+        {
+            thaw(frozen);
+            return Err(e);
+        }
         frozen.kill()?;
     }
     Ok(CheckpointReport {
@@ -92,6 +124,24 @@ pub fn checkpoint(
         capture,
         frozen_for: t0.elapsed(),
     })
+}
+
+/// Parks the frozen process's locks and names them in the image; on a
+/// failure they are given back (the caller thaws the process).
+fn park_locks(parking: &dyn LockParking, pid: Pid, dir: &Path) -> Result<(), MigError> {
+    let p = pid.as_raw();
+    let failed = |why: String| CaptureError::ParkLocks { pid: p, why };
+    let parked = parking.park(p).map_err(failed)?;
+    tracing::debug!(locks = parked.park.locks, "locks parked");
+    if let Err(e) = park::write(dir, &parked.park) {
+        let back = parking.unpark(parked).err();
+        let why = match back {
+            Some(b) => format!("{e}; and giving them back failed: {b}"),
+            None => e.to_string(),
+        };
+        return Err(failed(why).into());
+    }
+    Ok(())
 }
 
 /// Lets `frozen` run on, queueing again the signals it was taking.

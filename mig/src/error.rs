@@ -166,6 +166,17 @@ pub enum CaptureError {
         /// The failure.
         source: InjectError,
     },
+    /// The process's locks on migfs could not be parked before it ends;
+    /// it keeps running.
+    #[error(
+        "checkpoint of pid {pid}: parking its locks on migfs failed: {why} (the process keeps running)"
+    )]
+    ParkLocks {
+        /// The process.
+        pid: i32,
+        /// Why.
+        why: String,
+    },
     /// Something the image cannot describe.
     #[error("capture of pid {pid}: {what}")]
     Unsupported {

@@ -1386,6 +1386,11 @@ fn lock_on_migfs_stays_held_by_the_process_across_nodes(mode: &str) {
         "the {mode} lock is not held at first"
     );
     c.exec_ok("n1", &[&m, "checkpoint", &holder, "--to", "/migfs/img"]);
+    let gap = probe("n2", mode, "p-gap.txt");
+    assert!(
+        gap.contains("rc=-1 errno=11 "),
+        "the {mode} lock was free between the checkpoint and the restore: {gap}"
+    );
     let restored = c
         .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img"])
         .trim()
@@ -1406,6 +1411,61 @@ fn lock_on_migfs_stays_held_by_the_process_across_nodes(mode: &str) {
         p3.contains("rc=0 "),
         "the lock should be free once the restored process is gone: {p3}"
     );
+}
+
+/// Locks a checkpoint parked and no restore claimed go after
+/// `--hold-locks`; a later restore takes them again afresh.
+#[test]
+fn parked_locks_are_dropped_after_the_hold_time() {
+    let Some(c) = cluster() else { return };
+    let m = bin_str();
+    let b = prog("ckpt_blocking", false);
+    let b = b.to_str().unwrap();
+    fs::write(c.path("n1", "lk"), b"lock me").unwrap();
+    let report = |file: &str| fs::read_to_string(c.path("n1", file)).unwrap_or_default();
+    let tries = std::cell::Cell::new(0);
+    let probe = || -> String {
+        tries.set(tries.get() + 1);
+        let name = format!("p{}.txt", tries.get());
+        let file = format!("/migfs/{name}");
+        let pid = start_on(&c, "n2", &[b, &file, "hold", "/migfs/lk"]);
+        assert!(
+            within(10_000, || report(&name).contains("rc=")),
+            "{name}: no report"
+        );
+        c.exec_ok("n2", &["kill", "-9", &pid.to_string()]);
+        report(&name)
+    };
+    let holder = start_on(&c, "n1", &[b, "/migfs/holder.txt", "hold", "/migfs/lk"]).to_string();
+    assert!(within(10_000, || report("holder.txt").contains("rc=0 ")));
+    c.exec_ok(
+        "n1",
+        &[
+            &m,
+            "checkpoint",
+            &holder,
+            "--to",
+            "/migfs/img",
+            "--hold-locks",
+            "3",
+        ],
+    );
+    let img = c.path("n1", "img/locks.park");
+    assert!(img.exists(), "the image names no parked locks");
+    assert!(probe().contains("rc=-1 errno=11 "), "not parked");
+    assert!(
+        within(15_000, || probe().contains("rc=0 ")),
+        "parked locks were never dropped"
+    );
+    let restored = c
+        .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img"])
+        .trim()
+        .to_owned();
+    assert!(
+        probe().contains("rc=-1 errno=11 "),
+        "the restore did not take the lock again"
+    );
+    c.exec_ok("n2", &["kill", "-9", &restored]);
 }
 
 #[test]

@@ -39,7 +39,7 @@ pub struct LockReq {
 
 impl LockReq {
     fn holder_of(&self, l: &LockRec) -> bool {
-        l.session == self.session && l.owner == self.owner && l.flock == self.flock
+        !l.pending && l.session == self.session && l.owner == self.owner && l.flock == self.flock
     }
 
     /// Whether the granted lock `l` of another holder conflicts with this
@@ -51,7 +51,7 @@ impl LockReq {
             (self.start, self.end)
         };
         l.flock == self.flock
-            && !(l.session == self.session && l.owner == self.owner)
+            && (l.pending || !(l.session == self.session && l.owner == self.owner))
             && l.start <= end
             && start <= l.end
             && (i32::from(l.typ) == F_WRLCK || self.typ == F_WRLCK)
@@ -193,7 +193,11 @@ fn set_posix(mine: Vec<LockRec>, req: &LockReq) -> Vec<LockRec> {
 /// own type if there is such.
 fn claim(all: &mut [LockRec], req: &LockReq) {
     let mine = |l: &LockRec| {
-        l.pending && l.session == req.session && l.pid == req.pid && l.flock == req.flock
+        l.pending
+            && l.owner == PENDING_OWNER
+            && l.session == req.session
+            && l.pid == req.pid
+            && l.flock == req.flock
     };
     if req.flock {
         let same_type = all
@@ -224,10 +228,10 @@ pub struct Held {
     pub rec: LockRec,
 }
 
-/// Hands every fcntl and flock lock process `from_pid` holds in `from` to session
-/// `to`, pending until process `to_pid` there claims it (its first lock
-/// request on the inode, normally the restore taking it again). Returns the
-/// locks as they were, for [`return_locks`].
+/// Hands every fcntl and flock lock process `from_pid` holds in `from` to
+/// session `to`, pending until process `to_pid` there claims it (its first
+/// lock request on the inode, normally the restore taking it again).
+/// Returns the locks as they were, for [`return_locks`].
 pub fn move_locks(
     t: &mut Txn<'_>,
     from: u64,
@@ -235,31 +239,114 @@ pub fn move_locks(
     to: u64,
     to_pid: u32,
 ) -> Result<Vec<Held>> {
-    sessions::session(t, from)?;
     sessions::session(t, to)?;
-    let (start, end) = schema::prefix_range(from);
-    let inos: Vec<u64> = t
-        .scan(Tree::SessLocks, &start, end.as_deref(), usize::MAX)?
+    rehome(
+        t,
+        from,
+        |l| l.pid == from_pid && !l.pending,
+        |l| hand_to(l, to, to_pid),
+    )
+}
+
+/// Parks every lock process `pid` holds in `session` under `token` (a
+/// checkpoint, before the process ends): they stay held, by nobody, until
+/// [`claim_parked`] hands them to a restored process or [`drop_parked`]
+/// drops them. Returns them as they were.
+pub fn park_locks(t: &mut Txn<'_>, session: u64, pid: u32, token: u64) -> Result<Vec<Held>> {
+    if token == PENDING_OWNER {
+        return Err(e::einval("a park token is not 0"));
+    }
+    rehome(
+        t,
+        session,
+        |l| l.pid == pid && !l.pending,
+        |l| {
+            l.owner = token;
+            l.pid = 0;
+            l.pending = true;
+        },
+    )
+}
+
+/// Hands the locks parked in `from` under `token` to session `to`, pending
+/// until process `to_pid` claims them (as [`move_locks`]). Returns them as
+/// they were (parked), for [`return_locks`].
+pub fn claim_parked(
+    t: &mut Txn<'_>,
+    from: u64,
+    token: u64,
+    to: u64,
+    to_pid: u32,
+) -> Result<Vec<Held>> {
+    sessions::session(t, to)?;
+    rehome(t, from, parked_under(token), |l| hand_to(l, to, to_pid))
+}
+
+/// Drops the locks parked in `session` under `token` (none once claimed).
+/// Returns how many.
+pub fn drop_parked(t: &mut Txn<'_>, session: u64, token: u64) -> Result<usize> {
+    let picked = parked_under(token);
+    let mut dropped = 0;
+    for ino in inos_of(t, session)? {
+        let all = load(t, ino)?;
+        let n = all.len();
+        let rest: Vec<LockRec> = all
+            .into_iter()
+            .filter(|l| !(l.session == session && picked(l)))
+            .collect();
+        if rest.len() != n {
+            dropped += n - rest.len();
+            store(t, ino, session, rest);
+        }
+    }
+    Ok(dropped)
+}
+
+fn parked_under(token: u64) -> impl Fn(&LockRec) -> bool {
+    move |l| l.pending && l.owner == token && token != PENDING_OWNER
+}
+
+fn hand_to(l: &mut LockRec, to: u64, to_pid: u32) {
+    l.session = to;
+    l.owner = PENDING_OWNER;
+    l.pid = to_pid;
+    l.pending = true;
+}
+
+/// The inodes `session` holds locks on.
+fn inos_of(t: &mut Txn<'_>, session: u64) -> Result<Vec<u64>> {
+    sessions::session(t, session)?;
+    let (start, end) = schema::prefix_range(session);
+    t.scan(Tree::SessLocks, &start, end.as_deref(), usize::MAX)?
         .iter()
         .map(|(k, _)| schema::key_pair(k, Tree::SessLocks).map(|(_, ino)| ino))
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+/// Changes, with `change`, every lock of session `from` that `pick`
+/// selects; returns them as they were.
+fn rehome(
+    t: &mut Txn<'_>,
+    from: u64,
+    pick: impl Fn(&LockRec) -> bool,
+    change: impl Fn(&mut LockRec),
+) -> Result<Vec<Held>> {
     let mut moved = Vec::new();
-    for ino in inos {
+    for ino in inos_of(t, from)? {
         let mut all = load(t, ino)?;
-        let mut touched = false;
-        for l in &mut all {
-            if l.session == from && l.pid == from_pid && !l.pending {
-                moved.push(Held { ino, rec: *l });
-                l.session = to;
-                l.owner = PENDING_OWNER;
-                l.pid = to_pid;
-                l.pending = true;
-                touched = true;
-            }
+        let before = moved.len();
+        for l in all.iter_mut().filter(|l| l.session == from && pick(l)) {
+            moved.push(Held { ino, rec: *l });
+            change(l);
         }
-        if touched {
-            store(t, ino, from, all.clone());
-            store(t, ino, to, all);
+        if moved.len() != before {
+            let mut sessions: Vec<u64> = all.iter().map(|l| l.session).collect();
+            sessions.push(from);
+            sessions.sort_unstable();
+            sessions.dedup();
+            for s in sessions {
+                store(t, ino, s, all.clone());
+            }
         }
     }
     Ok(moved)

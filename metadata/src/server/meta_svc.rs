@@ -620,6 +620,45 @@ impl Meta for MetaService {
         .await
     }
 
+    #[instrument(level = "debug", skip_all, fields(session = req.get_ref().session_id, pid = req.get_ref().pid))]
+    async fn park_locks(&self, req: Request<pb::ParkLocksRequest>) -> Reply<pb::ParkLocksReply> {
+        let r = req.into_inner();
+        let res = self
+            .write(r.session_id, move |t| {
+                locks::park_locks(t, r.session_id, r.pid, r.token)
+            })
+            .await;
+        finish(res.map(|held| pb::ParkLocksReply {
+            locks: u32::try_from(held.len()).unwrap_or(u32::MAX),
+            held: held.iter().map(held_to_pb).collect(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(from = req.get_ref().from_session, to = req.get_ref().to_session))]
+    async fn claim_parked(
+        &self,
+        req: Request<pb::ClaimParkedRequest>,
+    ) -> Reply<pb::MoveLocksReply> {
+        let r = req.into_inner();
+        let res = self
+            .write(r.to_session, move |t| {
+                locks::claim_parked(t, r.from_session, r.token, r.to_session, r.to_pid)
+            })
+            .await;
+        finish(res.map(|held| pb::MoveLocksReply {
+            moved: held.iter().map(held_to_pb).collect(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(session = req.get_ref().session_id))]
+    async fn drop_parked(&self, req: Request<pb::DropParkedRequest>) -> Reply<pb::Empty> {
+        let r = req.into_inner();
+        self.empty_write(r.session_id, move |t| {
+            locks::drop_parked(t, r.session_id, r.token).map(|_| ())
+        })
+        .await
+    }
+
     #[instrument(level = "debug", skip_all, fields(node = req.get_ref().node_id, pid = req.get_ref().pid))]
     async fn task_create(&self, req: Request<pb::TaskCreateRequest>) -> Reply<pb::TaskInfo> {
         let r = req.into_inner();
@@ -697,6 +736,7 @@ fn held_to_pb(h: &locks::Held) -> pb::HeldLock {
         typ: i32::from(h.rec.typ),
         pid: h.rec.pid,
         flock: h.rec.flock,
+        pending: h.rec.pending,
     }
 }
 
@@ -718,7 +758,7 @@ fn held_from_pb(h: &pb::HeldLock) -> Result<locks::Held> {
             start: h.start,
             end: h.end,
             pid: h.pid,
-            pending: false,
+            pending: h.pending,
         },
     })
 }

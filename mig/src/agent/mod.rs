@@ -10,12 +10,14 @@
 //!   pulls the rest of its memory and tells the source it is done.
 //! - [`run`]: starts commands as tasks and reports how they end.
 //! - [`load`]: measures the node's load and reports it; `view`: the
-//!   cluster and task pins for local clients.
+//!   cluster and task pins for local clients; `parked`: locks of a
+//!   checkpointed process kept held until its restore.
 //!
 //! The agent never decides what to move where: that is policy's job.
 
 pub mod client;
 pub mod load;
+mod parked;
 mod precopy;
 mod run;
 mod source;
@@ -366,6 +368,42 @@ impl AgentRpc for AgentService {
             r.caller_uid = uid;
         }
         Ok(Response::new(view::pin(&self.inner, r).await?))
+    }
+
+    async fn park_locks(
+        &self,
+        req: Request<pb::ParkLocksRequest>,
+    ) -> Result<Response<pb::ParkLocksReply>, Status> {
+        let uid = local_cred(&req).map(|(uid, _)| uid);
+        let r = parked::park(&self.inner, req.into_inner(), uid).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn claim_locks(
+        &self,
+        req: Request<pb::ClaimLocksRequest>,
+    ) -> Result<Response<pb::ClaimLocksReply>, Status> {
+        let uid = local_cred(&req).map(|(uid, _)| uid);
+        let r = parked::claim(&self.inner, req.into_inner(), uid).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn unclaim_locks(
+        &self,
+        req: Request<pb::UnclaimLocksRequest>,
+    ) -> Result<Response<pb::UnclaimLocksReply>, Status> {
+        let uid = local_cred(&req).map(|(uid, _)| uid);
+        let r = parked::unclaim(&self.inner, req.into_inner(), uid).await?;
+        Ok(Response::new(r))
+    }
+
+    async fn unpark_locks(
+        &self,
+        req: Request<pb::UnparkLocksRequest>,
+    ) -> Result<Response<pb::UnclaimLocksReply>, Status> {
+        let uid = local_cred(&req).map(|(uid, _)| uid);
+        let r = parked::unpark(&self.inner, req.into_inner(), uid).await?;
+        Ok(Response::new(r))
     }
 
     async fn prepare(

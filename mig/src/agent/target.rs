@@ -340,6 +340,7 @@ fn rebuild(
         relay_stdin: pipe
             .as_ref()
             .map(|(r, _)| format!("/proc/{}/fd/{}", std::process::id(), r.as_raw_fd())),
+        ..Extras::default()
     };
     let res = crate::restore::restore_with(&dir.0, &RestoreOptions::default(), extras);
     drop(dir);

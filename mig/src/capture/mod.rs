@@ -66,6 +66,9 @@ pub struct CaptureStats {
     pub copy: Duration,
     /// Whole capture.
     pub total: Duration,
+    /// Locks the process holds on migfs files (kept in the metadata
+    /// server: they go when the process ends unless parked).
+    pub migfs_locks: usize,
 }
 
 /// Writes the image of `frozen` to `dir`. `files` may carry hashes taken
@@ -166,10 +169,18 @@ pub fn capture(
         write_ms = ms(t0.elapsed() - t_mm),
         "captured"
     );
+    let on_migfs = |fd: i32| {
+        img.fds
+            .iter()
+            .find(|f| f.fd == fd)
+            .and_then(|f| f.file.as_ref())
+            .is_some_and(|f| f.migfs.is_some())
+    };
     Ok(CaptureStats {
         image_bytes,
         pages_bytes: img.pages_size,
         copy: mem.copy,
         total: t0.elapsed(),
+        migfs_locks: img.locks.iter().filter(|l| on_migfs(l.fd)).count(),
     })
 }

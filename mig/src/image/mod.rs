@@ -4,6 +4,8 @@
 //!
 //! - [`format`]: framing, format version, limits, validation.
 //! - [`persist`]: writing and reading image directories.
+//! - [`park`]: `locks.park`, where a checkpoint parked the process's locks.
 
 pub mod format;
+pub mod park;
 pub mod persist;

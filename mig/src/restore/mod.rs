@@ -53,7 +53,13 @@ pub struct Extras {
     /// descriptors: the read end of a new stdin relay pipe
     /// (`/proc/<restorer>/fd/<n>`).
     pub relay_stdin: Option<String>,
+    /// Called with the rebuilt process's PID just before it takes its
+    /// locks again: hands it the locks its checkpoint parked.
+    pub claim_locks: Option<ClaimLocks>,
 }
+
+/// See [`Extras::claim_locks`].
+pub type ClaimLocks = Box<dyn FnOnce(i32) -> Result<(), String> + Send>;
 
 /// A restored process, running.
 #[derive(Debug)]
@@ -215,6 +221,9 @@ fn rest<T: Target>(
     mm::mm_fields(t, img, r)?;
     steps.mark("mm fields");
     files::open_fds(t, img, r, extras.relay_stdin.as_deref())?;
+    if let Some(claim) = extras.claim_locks.take() {
+        claim(t.pid()).map_err(|why| refused(Step::Locks, format!("parked locks: {why}")))?;
+    }
     files::take_locks(t, img, r)?;
     steps.mark("files");
     state::sigactions(t, img)?;

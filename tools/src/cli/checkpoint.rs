@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use migfs_mig::checkpoint::{CheckpointOptions, checkpoint};
+use migfs_mig::agent::client::{AgentLocks, local_node};
+use migfs_mig::checkpoint::{CheckpointOptions, LockParking, checkpoint};
 use nix::unistd::Pid;
 
 /// Exit code of `--check` when the process cannot be moved.
@@ -33,6 +35,14 @@ pub struct Args {
     /// Print the timings as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Keep the process's locks on migfs files held (parked in the
+    /// metadata server) for this many seconds after it ends, for the
+    /// restore to claim; 0: let them go with the process.
+    #[arg(long, default_value_t = 600)]
+    hold_locks: u64,
+    /// The migfs mount whose node parks the locks.
+    #[arg(long, default_value = "/migfs")]
+    mount: PathBuf,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
@@ -50,10 +60,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::from(EXIT_NOT_MOVABLE));
     }
-    let dir = a.to.context("--to DIR is required")?;
+    let dir = a.to.clone().context("--to DIR is required")?;
     let opts = CheckpointOptions {
         leave_running: a.leave_running,
         freeze_timeout: Duration::from_millis(a.freeze_timeout_ms),
+        park: parking(&a)?,
         ..Default::default()
     };
     // Every error names the pid and what failed.
@@ -86,4 +97,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The local node's lock parking, when locks should be parked and there is
+/// a node (without one the process cannot hold locks on migfs).
+fn parking(a: &Args) -> anyhow::Result<Option<Arc<dyn LockParking>>> {
+    if a.leave_running || a.hold_locks == 0 {
+        return Ok(None);
+    }
+    let Ok(node) = local_node(&a.mount) else {
+        return Ok(None);
+    };
+    let locks = AgentLocks::new(&node, Duration::from_secs(a.hold_locks))?;
+    Ok(Some(Arc::new(locks)))
 }
