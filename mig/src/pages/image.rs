@@ -104,6 +104,11 @@ impl ImagePages {
         self.segs.iter().map(|s| s.len).sum()
     }
 
+    /// The first lazy segment's range, if any.
+    pub fn first(&self) -> Option<(u64, u64)> {
+        self.segs.first().map(|s| (s.vaddr, s.vaddr + s.len))
+    }
+
     /// Segment `i`, read whole and checked.
     fn verified(&self, i: usize) -> Result<Arc<Vec<u8>>, String> {
         if let Some((_, d)) = self.cache.lock().iter().find(|(j, _)| *j == i) {

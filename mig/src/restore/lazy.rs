@@ -74,7 +74,7 @@ pub fn restore_lazy(dir: &Path, opts: &RestoreOptions) -> Result<LazyRestore, Re
         ));
     }
     let src = Arc::new(ImagePages::new(pages.try_clone().map_err(image_err)?, segs));
-    tracing::debug!(lazy_mib = src.bytes() >> 20, "lazy restore");
+    tracing::debug!(lazy_kib = src.bytes() >> 10, first = ?src.first(), "lazy restore");
     let extras = Extras {
         lazy: Some(LazyConfig {
             fetch: Arc::clone(&src) as Arc<dyn crate::pages::PageFetch>,
