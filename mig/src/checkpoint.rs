@@ -16,6 +16,7 @@ pub const GHOST_LIMIT: u64 = 64 << 20;
 use crate::error::{CaptureError, FreezeError, MigError};
 use crate::freeze;
 use crate::image::park::{self, LockPark};
+use crate::predump::{PreDump, PrecopyOptions, PrecopyReport};
 use crate::sys::procfs;
 
 /// Keeps the locks a checkpointed process holds on migfs files held after
@@ -50,6 +51,9 @@ pub struct CheckpointOptions {
     pub freeze_timeout: Duration,
     /// Capture knobs.
     pub capture: CaptureOptions,
+    /// Copy the memory into the image while the process runs first
+    /// (`--precopy`, [`crate::predump`]).
+    pub precopy: Option<PrecopyOptions>,
 }
 
 impl Default for CheckpointOptions {
@@ -62,6 +66,7 @@ impl Default for CheckpointOptions {
                 ghost_limit: GHOST_LIMIT,
                 ..CaptureOptions::default()
             },
+            precopy: None,
         }
     }
 }
@@ -77,6 +82,10 @@ pub struct CheckpointReport {
     pub capture: CaptureStats,
     /// From the start of the freeze until the process was ended or thawed.
     pub frozen_for: Duration,
+    /// From the start of the freeze until the image was complete.
+    pub frozen_to_image: Duration,
+    /// The pre-copy, with `--precopy`.
+    pub precopy: Option<PrecopyReport>,
 }
 
 /// Checkpoints `pid` into `dir`.
@@ -96,17 +105,31 @@ pub fn checkpoint(
     }
     let mut files = capture::files::FileCtx::new(pid, opts.capture.hash_limit)?;
     files.prehash_mappings()?;
+    // While it runs: a failure here leaves it running, untracked.
+    let mut pre = match &opts.precopy {
+        Some(p) => Some(PreDump::run(pid, dir, p)?),
+        None => None,
+    };
     let t0 = Instant::now();
     let frozen = freeze::freeze(pid, opts.freeze_timeout)?;
     let freeze = t0.elapsed();
     let threads = frozen.threads().len();
-    let capture = match capture::capture(&frozen, dir, &opts.capture, Some(files)) {
+    let captured = pre
+        .as_mut()
+        .map(PreDump::finish)
+        .transpose()
+        .and_then(|premade| {
+            capture::capture_with(&frozen, dir, &opts.capture, Some(files), premade)
+        });
+    let capture = match captured {
         Ok(c) => c,
         Err(e) => {
             thaw(frozen);
             return Err(e);
         }
     };
+    let frozen_to_image = t0.elapsed();
+    let precopy = pre.as_ref().map(PreDump::report);
     if opts.leave_running {
         thaw(frozen);
     } else {
@@ -114,15 +137,26 @@ pub fn checkpoint(
             && let Err(e) = park_locks(parking, pid, dir)
         {
             thaw(frozen);
+            if let Some(p) = pre {
+                p.stop();
+            }
             return Err(e);
         }
         frozen.kill()?;
+    }
+    let frozen_for = t0.elapsed();
+    // Ending tracking walks every page table; the process does not wait
+    // for it (or is gone).
+    if let Some(p) = pre {
+        p.stop();
     }
     Ok(CheckpointReport {
         threads,
         freeze,
         capture,
-        frozen_for: t0.elapsed(),
+        frozen_for,
+        frozen_to_image,
+        precopy,
     })
 }
 

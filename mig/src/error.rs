@@ -61,6 +61,13 @@ pub enum PagesError {
         /// What and why.
         what: String,
     },
+    /// The process of a lazy restore ended (exited or exec'd) before
+    /// every page was in.
+    #[error("pages of pid {pid}: the process is gone")]
+    Gone {
+        /// The process.
+        pid: i32,
+    },
     /// The fault handler of a lazy restore stopped on an error; the
     /// process was killed.
     #[error("lazy memory of pid {pid} failed: {why}")]

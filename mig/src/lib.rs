@@ -8,6 +8,8 @@
 //! - [`freeze`]: PTRACE_SEIZE + PTRACE_INTERRUPT of every thread; thaw.
 //! - [`capture`]: registers, memory, files, signals → image.
 //! - [`checkpoint`]: check + freeze + capture + end (or thaw) in one call.
+//! - [`predump`]: pre-copy of a running process's memory into an image
+//!   (`migfs checkpoint --precopy`).
 //! - [`image`]: the image format (prost messages, blake3 per segment).
 //! - [`policy`]: what to move where (the balancer's policies); pure code
 //!   that the mechanism never imports.
@@ -42,6 +44,7 @@ pub mod freeze;
 pub mod image;
 pub mod pages;
 pub mod policy;
+pub mod predump;
 pub mod restore;
 pub mod sys;
 

@@ -275,6 +275,11 @@ fn fdinfo_field(info: &str, key: &str) -> String {
 /// The counter continues with no gap and no duplicate, same PID, same fd
 /// number, flags and offset.
 fn counter_round_trip(static_: bool) {
+    counter_round_trip_with(static_, &[], &[]);
+}
+
+/// [`counter_round_trip`] with extra checkpoint and restore arguments.
+fn counter_round_trip_with(static_: bool, ckpt_args: &[&str], restore_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("count.txt");
     let img = dir.path().join("img");
@@ -282,7 +287,7 @@ fn counter_round_trip(static_: bool) {
     let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "ckpt-counter"]);
     wait_lines(&out, 20, 5000);
     let flags_before = fdinfo_field(&p.fdinfo(7), "flags");
-    checkpoint(&p, &img, &[]);
+    checkpoint(&p, &img, ckpt_args);
     let st = p.reap_child();
     assert_eq!(
         st.code(),
@@ -296,7 +301,7 @@ fn counter_round_trip(static_: bool) {
         n,
         "the original still writes after the checkpoint"
     );
-    let r = restore(&img, &[]);
+    let r = restore(&img, restore_args);
     assert_eq!(r.pid, p.pid, "the PID should be kept when free");
     wait_lines(&out, n + 20, 5000);
     let info = r.fdinfo(7);
@@ -1179,6 +1184,332 @@ fn leave_running_keeps_the_original_and_a_taken_pid_is_refused_when_required() {
     let copy = restore(&img, &[]);
     assert_ne!(copy.pid, p.pid);
     assert!(p.alive() && copy.alive());
+}
+
+// ------------------------------------- pre-copy and lazy restore
+
+/// `migfs restore --from DIR --lazy` under a reaper, from the moment it
+/// printed the PID (the process runs, its memory still coming in).
+struct LazyRun {
+    /// The restored process (its guard gets the reaper at `finish`).
+    proc_: Proc,
+    reaper: Child,
+    /// The rest of stdout, read until `migfs restore` ends.
+    rest: std::thread::JoinHandle<String>,
+}
+
+impl LazyRun {
+    fn start(dir: &Path) -> LazyRun {
+        use std::io::BufRead;
+        let mut reaper = Command::new(spawner())
+            .arg("reap")
+            .arg(migfs_bin())
+            .args(["restore", "--lazy", "--from", dir.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run migfs restore --lazy");
+        let mut stdout = std::io::BufReader::new(reaper.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let Ok(pid) = line.trim().parse::<i32>() else {
+            let _ = reaper.kill();
+            let o = reaper.wait_with_output().unwrap();
+            panic!(
+                "no PID from migfs restore --lazy: {line:?}\n{}",
+                output_text(&o)
+            )
+        };
+        let rest = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        LazyRun {
+            proc_: Proc {
+                pid,
+                child: None,
+                reaper: None,
+            },
+            reaper,
+            rest,
+        }
+    }
+
+    /// Waits until `migfs restore --lazy` ends (every page in, or an
+    /// error); returns the process, the rest of stdout and stderr.
+    fn finish(mut self) -> (Proc, String, String) {
+        use std::io::Read;
+        let mut err = String::new();
+        if let Some(mut e) = self.reaper.stderr.take() {
+            e.read_to_string(&mut err).unwrap();
+        }
+        let out = self.rest.join().unwrap();
+        self.proc_.reaper = Some(self.reaper);
+        (self.proc_, out, err)
+    }
+}
+
+/// Sends SIGUSR1 to `pid` and waits for a line starting with "verified"
+/// in `out`; returns those lines.
+fn verify(pid: i32, out: &Path, ms: u64) -> String {
+    let before = verified_lines(out).len();
+    assert!(
+        Command::new("kill")
+            .args(["-USR1", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        within(ms, || verified_lines(out).len() > before),
+        "no verification from {pid}"
+    );
+    verified_lines(out).join("\n")
+}
+
+fn verified_lines(out: &Path) -> Vec<String> {
+    fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("verified"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The rounds a `migfs checkpoint --precopy` reported.
+fn precopy_rounds(text: &str) -> u32 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("pre-copy: ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no pre-copy line in {text:?}"))
+}
+
+#[test]
+fn one_gib_of_patterned_memory_is_intact_after_precopy_and_lazy_restore() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("big.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_bigmem", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "1024"]);
+    assert!(within(60_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    let text = checkpoint(&p, &img, &["--precopy"]);
+    assert!(precopy_rounds(&text) >= 1, "{text}");
+    p.reap_child();
+    let run = LazyRun::start(&img);
+    // Checked while the fill still runs: faults and fill race.
+    let v = verify(run.proc_.pid, &out, 60_000);
+    let (r, rest, err) = run.finish();
+    assert!(err.is_empty() && rest.is_empty(), "{rest}{err}");
+    assert!(v.ends_with("verified ok"), "{v}");
+    assert!(r.alive());
+    let v = verify(r.pid, &out, 60_000);
+    assert!(v.ends_with("verified ok"), "after the fill: {v}");
+}
+
+#[test]
+fn a_process_writing_its_memory_during_precopy_comes_back_exactly() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("writer.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_writer", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "256"]);
+    assert!(within(30_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    std::thread::sleep(Duration::from_millis(200));
+    let text = checkpoint(&p, &img, &["--precopy"]);
+    // It writes ~250 MB/s: the first round cannot leave it clean.
+    assert!(precopy_rounds(&text) >= 2, "{text}");
+    p.reap_child();
+    let at_checkpoint = fs::read(&out).unwrap();
+    // The image restores exactly, eagerly ...
+    let r = restore(&img, &[]);
+    let v = verify(r.pid, &out, 30_000);
+    assert!(v.starts_with("verified ok"), "eager restore: {v}");
+    drop(r);
+    // ... and lazily, checked while the fill runs (its output file as it
+    // was at the checkpoint, or the restore refuses the changed file).
+    fs::write(&out, &at_checkpoint).unwrap();
+    let run = LazyRun::start(&img);
+    let v = verify(run.proc_.pid, &out, 30_000);
+    let (_r, rest, err) = run.finish();
+    assert!(err.is_empty() && rest.is_empty(), "{rest}{err}");
+    let last = v.lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("verified ok"), "lazy restore: {v}");
+    assert!(!v.contains("BAD"), "{v}");
+}
+
+#[test]
+fn counter_continues_through_precopy_and_lazy_restore() {
+    if !require_ptrace() {
+        return;
+    }
+    counter_round_trip_with(false, &["--precopy"], &["--lazy"]);
+}
+
+#[test]
+fn corrupt_pages_under_lazy_restore_fail_before_resume_or_kill_the_process() {
+    if !require_ptrace() {
+        return;
+    }
+    // Eager memory (the program's own data) is checked before it runs:
+    // nothing is left.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, img, pid) = counter_image(dir.path());
+    let pages = img.join("pages.img");
+    let good = fs::read(&pages).unwrap();
+    let mut bad = good.clone();
+    bad[10] ^= 1;
+    fs::write(&pages, &bad).unwrap();
+    restore_fails(
+        &img,
+        &["--lazy"],
+        "write memory",
+        "checksum mismatch in the segment at 0x",
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the half-built process {pid} is still there"
+    );
+    fs::write(&pages, &good).unwrap();
+
+    // Anonymous memory found bad after the process resumed: it is killed
+    // and the error names the segment.
+    let out = dir.path().join("big.txt");
+    let img = dir.path().join("img-big");
+    let bin = prog("ckpt_bigmem", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "64"]);
+    assert!(within(30_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let pages = img.join("pages.img");
+    let mut bad = fs::read(&pages).unwrap();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    fs::write(&pages, &bad).unwrap();
+    let run = LazyRun::start(&img);
+    let pid = run.proc_.pid;
+    let (mut r, _, err) = run.finish();
+    assert!(
+        err.contains(&format!("lazy restore of pid {pid}"))
+            && err.contains("checksum mismatch in the segment at 0x")
+            && err.contains("the process was killed"),
+        "{err}"
+    );
+    let reaper = r.reaper.as_mut().unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = reaper.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "the killed process is still there");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(!r.alive(), "pid {pid} still runs");
+}
+
+/// A program built with `-nostdlib -static -no-pie` (see ckpt_noanon.c).
+fn prog_nostdlib(name: &str) -> PathBuf {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
+    let out = dir.path().join(name);
+    if !out.exists() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("progs")
+            .join(format!("{name}.c"));
+        let o = Command::new("gcc")
+            .args([
+                "-O2",
+                "-static",
+                "-nostdlib",
+                "-fno-pie",
+                "-no-pie",
+                "-fno-stack-protector",
+                "-fno-asynchronous-unwind-tables",
+                "-o",
+            ])
+            .arg(&out)
+            .arg(&src)
+            .output()
+            .expect("run gcc");
+        assert!(o.status.success(), "gcc {name}: {}", output_text(&o));
+    }
+    out
+}
+
+#[test]
+fn lazy_restore_of_an_image_with_nothing_lazy_and_precopy_of_a_refused_process_fail_clearly() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // No heap, no stack, no anonymous mapping: nothing to be lazy about.
+    let bin = prog_nostdlib("ckpt_noanon");
+    let mut p = Proc::start(&[bin.to_str().unwrap()]);
+    assert!(within(5000, || fs::read_to_string(format!(
+        "/proc/{}/maps",
+        p.pid
+    ))
+    .is_ok_and(|m| !m.contains("[stack]"))));
+    let img = dir.path().join("img");
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    restore_fails(
+        &img,
+        &["--lazy"],
+        "read image",
+        "--lazy: the image has no private anonymous memory",
+    );
+    let r = restore(&img, &[]);
+    assert!(r.alive(), "a plain restore of the same image works");
+    drop(r);
+
+    // --precopy of a process --check refuses: nothing starts, it runs on.
+    let out = dir.path().join("beat.txt");
+    let bin = prog("ckpt_sockets", false);
+    let p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    wait_lines(&out, 5, 5000);
+    let pid = p.pid.to_string();
+    let img = dir.path().join("img-sockets");
+    let o = migfs(&[
+        "checkpoint",
+        &pid,
+        "--to",
+        img.to_str().unwrap(),
+        "--precopy",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains(&format!("pid {pid} cannot be moved"))
+            && err.contains("TCP listening socket"),
+        "{}",
+        output_text(&o)
+    );
+    assert!(!img.exists(), "nothing may be written");
+    assert_eq!(p.status_field("TracerPid"), "0", "left traced");
+    let n = numbers(&out).len();
+    wait_lines(&out, n + 10, 5000);
+    assert!(p.alive());
 }
 
 // ------------------------------------------------- across cluster nodes

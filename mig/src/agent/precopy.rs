@@ -25,16 +25,13 @@ use tonic::{Status, Streaming};
 
 use super::{AgentClient, AgentError, Inner};
 use crate::pages::ranges::{intersect, normalize, subtract, total};
+use crate::pages::rounds::{RoundPolicy, Verdict};
 use crate::pages::wire::{self, Link, Rendezvous};
 use crate::pages::{PageFetch, PageSource, Store, Tracker};
 
 const PAGE: u64 = 4096;
 /// How long the source waits for the target to connect back for a round.
 const CONNECT_BACK: Duration = Duration::from_secs(10);
-/// Rounds at most (the first sends everything).
-const MAX_ROUNDS: u32 = 8;
-/// Stop the rounds once this little is dirty.
-const SMALL: u64 = 2 << 20;
 /// A store no Receive claimed is dropped after this long.
 const STORE_TTL: Duration = Duration::from_secs(600);
 
@@ -55,7 +52,8 @@ pub struct Rounds {
 
 impl Rounds {
     /// Tracks the anonymous memory of `pid` and sends rounds to the target
-    /// until little is dirty, nothing improves, or [`MAX_ROUNDS`].
+    /// until little is dirty, nothing improves, or the round limit
+    /// ([`RoundPolicy::default`]).
     pub fn run(
         inner: &Inner,
         client: &AgentClient,
@@ -79,7 +77,8 @@ impl Rounds {
             rounds: 0,
             pages: 0,
         };
-        let mut last = u64::MAX;
+        let policy = RoundPolicy::default();
+        let mut last = None;
         loop {
             let dirty = std::mem::take(&mut r.dirty);
             let sent = send(inner, client, &r.reader, &r.channel, move_id, &dirty)?;
@@ -94,10 +93,10 @@ impl Rounds {
                 left >> 10
             ));
             // Converged, or writes outpace the copy: stop either way.
-            if left <= SMALL || r.rounds >= MAX_ROUNDS || left >= last.saturating_mul(9) / 10 {
+            if policy.decide(r.rounds, left, last) != Verdict::Again {
                 return Ok(r);
             }
-            last = left;
+            last = Some(left);
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use migfs_proto::image::{MemoryMap, Vma, VmaKind};
+use migfs_proto::image::{MemSegment, MemoryMap, Vma, VmaKind};
 use nix::unistd::Pid;
 
 use super::files::FileCtx;
@@ -16,6 +16,7 @@ use crate::check;
 use crate::error::{CaptureError, MigError};
 use crate::image::format::MAX_SEGMENT;
 use crate::image::persist::PagesWriter;
+use crate::pages::ranges::{normalize, subtract};
 use crate::sys::mem::{self, ProcMem};
 use crate::sys::procfs::{self, MapEntry, Pagemap};
 use crate::sys::vdso;
@@ -32,6 +33,19 @@ pub struct MemStats {
     pub copy: std::time::Duration,
 }
 
+/// How [`capture_mm`] treats memory.
+#[derive(Debug)]
+pub struct MemOptions<'a> {
+    /// Leave private anonymous memory out (marked `lazy`).
+    pub lazy_anon: bool,
+    /// VmFlags of each mapping (smaps), by start address.
+    pub flags: &'a crate::check::VmFlags,
+    /// Memory a pre-copy already wrote to `pages` (not copied again).
+    pub covered: Vec<(u64, u64)>,
+    /// The segments of `covered`.
+    pub premade: Vec<MemSegment>,
+}
+
 /// Captures the address space of frozen `pid` and writes its pages.
 pub fn capture_mm(
     pid: Pid,
@@ -39,9 +53,9 @@ pub fn capture_mm(
     ctx: &mut FileCtx,
     remote: &Remote,
     pages: &mut PagesWriter,
-    lazy_anon: bool,
-    flags: &crate::check::VmFlags,
+    o: MemOptions<'_>,
 ) -> Result<(MemoryMap, MemStats), MigError> {
+    let (lazy_anon, flags) = (o.lazy_anon, o.flags);
     let p = pid.as_raw();
     let io = |what: &str| {
         let what = what.to_owned();
@@ -89,7 +103,10 @@ pub fn capture_mm(
             .to_vec();
     }
     let t = Instant::now();
-    mm.segments = dump_pages(pid, &vmas, pages)?;
+    let mut segments = o.premade;
+    segments.extend(dump_pages(pid, &vmas, pages, &normalize(o.covered))?);
+    segments.sort_unstable_by_key(|s| s.vaddr);
+    mm.segments = segments;
     let stats = MemStats {
         bytes: mm.segments.iter().map(|s| s.len).sum(),
         copy: t.elapsed(),
@@ -228,11 +245,13 @@ pub fn runs(start: u64, entries: &[u64], page: u64, want: impl Fn(u64) -> bool) 
     out
 }
 
+/// Writes the wanted pages of `vmas` outside `skip` (normalized).
 fn dump_pages(
     pid: Pid,
     vmas: &[Vma],
     pages: &mut PagesWriter,
-) -> Result<Vec<migfs_proto::image::MemSegment>, MigError> {
+    skip: &[(u64, u64)],
+) -> Result<Vec<MemSegment>, MigError> {
     let p = pid.as_raw();
     let page = crate::sys::page_size();
     let pagemap = Pagemap::open(pid).map_err(|source| CaptureError::Io {
@@ -261,7 +280,13 @@ fn dump_pages(
                 what: format!("pagemap {:x}-{:x}", v.start, v.end),
                 source,
             })?;
-        for (addr, len) in runs(v.start, &entries, page, |e| wanted(v.kind, v.shared, e)) {
+        let all = runs(v.start, &entries, page, |e| wanted(v.kind, v.shared, e));
+        let mut wanted_runs = all.iter().map(|&(a, l)| (a, a + l)).collect::<Vec<_>>();
+        if !skip.is_empty() {
+            wanted_runs = subtract(&normalize(wanted_runs), skip);
+            wanted_runs = crate::predump::aligned_chunks(&wanted_runs, MAX_SEGMENT);
+        }
+        for (addr, len) in wanted_runs.into_iter().map(|(s, e)| (s, e - s)) {
             buf.resize(usize::try_from(len).unwrap_or(0), 0);
             if v.prot & libc::PROT_READ as u32 != 0 {
                 mem::read_vm(pid, addr, &mut buf).map_err(|errno| CaptureError::Sys {

@@ -73,12 +73,24 @@ pub struct CaptureStats {
 
 /// Writes the image of `frozen` to `dir`. `files` may carry hashes taken
 /// before the freeze ([`files::FileCtx::prehash_mappings`]).
-#[tracing::instrument(skip_all, fields(pid = frozen.pid().as_raw(), dir = %dir.display()))]
 pub fn capture(
     frozen: &Frozen,
     dir: &Path,
     opts: &CaptureOptions,
     files: Option<files::FileCtx>,
+) -> Result<CaptureStats, MigError> {
+    capture_with(frozen, dir, opts, files, None)
+}
+
+/// [`capture`] into the page file of a pre-copy: the memory it covers is
+/// not copied again, its segments join the image's.
+#[tracing::instrument(skip_all, fields(pid = frozen.pid().as_raw(), dir = %dir.display()))]
+pub fn capture_with(
+    frozen: &Frozen,
+    dir: &Path,
+    opts: &CaptureOptions,
+    files: Option<files::FileCtx>,
+    premade: Option<crate::predump::Premade>,
 ) -> Result<CaptureStats, MigError> {
     let t0 = Instant::now();
     let pid = frozen.pid();
@@ -119,15 +131,22 @@ pub fn capture(
     let t_fds = t0.elapsed();
     let (cwd, exe) = files::cwd_and_exe(&mut ctx)?;
     let process = process::process(pid, cwd, exe)?;
-    let mut pages = PagesWriter::create(dir)?;
+    let (mut pages, covered, premade) = match premade {
+        Some(p) => (p.writer, p.covered, p.segments),
+        None => (PagesWriter::create(dir)?, Vec::new(), Vec::new()),
+    };
     let (mm, mem) = mm::capture_mm(
         pid,
         &maps,
         &mut ctx,
         &remote,
         &mut pages,
-        opts.lazy_anon,
-        &flags,
+        mm::MemOptions {
+            lazy_anon: opts.lazy_anon,
+            flags: &flags,
+            covered,
+            premade,
+        },
     )?;
     let t_mm = t0.elapsed();
     let mut fds = fds;

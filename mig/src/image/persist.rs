@@ -20,6 +20,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
 }
 
 /// Appends memory segments to `pages.img`.
+#[derive(Debug)]
 pub struct PagesWriter {
     file: File,
     path: PathBuf,
@@ -62,6 +63,34 @@ impl PagesWriter {
         };
         self.offset += data.len() as u64;
         Ok(seg)
+    }
+
+    /// Writes the pages of `[vaddr, vaddr + data.len())` over the bytes at
+    /// `offset`, an extent no segment names any more (pre-copy: a segment
+    /// copied again); returns the segment describing them.
+    pub fn segment_at(
+        &mut self,
+        offset: u64,
+        vaddr: u64,
+        data: &[u8],
+        hash: [u8; 32],
+    ) -> Result<MemSegment, ImageError> {
+        let len = data.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > self.offset) {
+            return Err(ImageError::Invalid {
+                path: self.path.clone(),
+                what: format!("rewrite at {offset:#x} (+{len:#x}) beyond the end"),
+            });
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io(&self.path))?;
+        Ok(MemSegment {
+            vaddr,
+            len,
+            offset,
+            blake3: hash.to_vec(),
+        })
     }
 
     /// Bytes written so far.
@@ -128,6 +157,28 @@ pub struct PagesReader {
 }
 
 impl PagesReader {
+    /// A reader of the page file at `path` (no size check: see
+    /// [`read_image`]).
+    pub fn open(path: &Path) -> Result<PagesReader, ImageError> {
+        Ok(PagesReader {
+            file: File::open(path).map_err(io(path))?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A second reader of the same file (a lazy restore's page source).
+    pub fn try_clone(&self) -> Result<PagesReader, ImageError> {
+        Ok(PagesReader {
+            file: self.file.try_clone().map_err(io(&self.path))?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// The page file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Fills `buf` with segment `seg` and checks its hash.
     pub fn read(&self, seg: &MemSegment, buf: &mut Vec<u8>) -> Result<(), ImageError> {
         let len = usize::try_from(seg.len).map_err(|_| ImageError::Invalid {

@@ -289,11 +289,7 @@ impl LazyPages {
                 st.c.installed_pages.fetch_add(n, Ordering::Relaxed);
                 Ok(n)
             }
-            Err(Stop::Gone) => Err(PagesError::Refused {
-                pid: st.pid,
-                what: "the process is gone".into(),
-            }
-            .into()),
+            Err(Stop::Gone) => Err(PagesError::Gone { pid: st.pid }.into()),
             Err(Stop::Sys(errno)) => Err(PagesError::Sys {
                 pid: st.pid,
                 what: format!("UFFDIO_COPY {addr:#x}+{:#x}", data.len()),
@@ -322,6 +318,15 @@ impl LazyPages {
             moves: get(&c.moves),
             forks: get(&c.forks),
             error: inner.st.failed(),
+        }
+    }
+
+    /// Ends the lazy restore on an error found outside the handler (a
+    /// push whose pages are bad): kills the process and its descendants
+    /// and keeps `why` as the fatal error (the first one wins).
+    pub fn abort(&self, why: String) {
+        if let Some(inner) = &self.inner {
+            inner.st.fail(why);
         }
     }
 

@@ -7,6 +7,8 @@
 //!   on first touch, by a push, or before the process runs (preload);
 //! - [`dirty`]: dirty-page tracking of a running process for pre-copy;
 //! - [`ranges`]: the address-range arithmetic they share;
+//! - [`rounds`]: when pre-copy rounds stop;
+//! - [`image`]: a lazy restore's pages served from an image directory;
 //! - [`store`]: pre-copied pages kept on the target until installed;
 //! - [`wire`]: the page channel (raw TCP, [`frame`]s) between the
 //!   source's page server and the target.
@@ -14,8 +16,10 @@
 pub mod dirty;
 mod fill;
 pub mod frame;
+pub mod image;
 pub mod lazy;
 pub mod ranges;
+pub mod rounds;
 pub mod source;
 pub mod store;
 pub mod wire;

@@ -11,11 +11,14 @@
 //! - [`inject`]: the [`Target`] trait and the calls it runs.
 //! - [`stub`]: the real target, a ptraced stub process.
 //! - [`mm`], [`files`], [`state`]: the steps.
+//! - [`lazy`]: `migfs restore --lazy`: the process runs before its
+//!   private anonymous memory is in.
 
 #[cfg(test)]
 pub mod fake;
 pub mod files;
 pub mod inject;
+pub mod lazy;
 pub mod mm;
 pub mod state;
 pub mod stub;
@@ -95,10 +98,22 @@ pub fn restore_with(
     let t0 = Instant::now();
     let persist::ImageDir { image, pages } = persist::read_image(dir)
         .map_err(|e| RestoreError::new(Step::ReadImage, RestoreCause::Image(e)))?;
-    check_lazy(&image, &extras)?;
-    check_vdso(&image)?;
-    let resolved = files::resolve(&image, dir)?;
-    let res = restore_resolved(opts, extras, t0, &image, &pages, &resolved);
+    restore_image(dir, opts, extras, t0, &image, &pages)
+}
+
+/// [`restore_with`] once the image is read (and maybe made lazy).
+fn restore_image(
+    dir: &Path,
+    opts: &RestoreOptions,
+    extras: Extras,
+    t0: Instant,
+    image: &Image,
+    pages: &PagesReader,
+) -> Result<Restored, RestoreError> {
+    check_lazy(image, &extras)?;
+    check_vdso(image)?;
+    let resolved = files::resolve(image, dir)?;
+    let res = restore_resolved(opts, extras, t0, image, pages, &resolved);
     resolved.remove_ghosts();
     res
 }

@@ -5,7 +5,9 @@
 //! The process is this binary in a hidden role (`migfs bench workload`):
 //! it touches N MiB of memory and appends a CLOCK_MONOTONIC heartbeat to
 //! a file every 10 ms. The not-running time is the largest gap between
-//! two heartbeats, as the program itself sees it.
+//! two heartbeats, as the program itself sees it. Each size runs four
+//! ways: plain, `checkpoint --precopy`, `restore --lazy`, and both, with
+//! CRIU 4.2's figures for scale.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use migfs_mig::checkpoint::{CheckpointOptions, checkpoint};
+use migfs_mig::predump::PrecopyOptions;
+use migfs_mig::restore::lazy::restore_lazy;
 use migfs_mig::restore::{RestoreOptions, restore};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::waitpid;
@@ -148,13 +152,60 @@ fn workload(w: WorkloadArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// One measured size.
+/// How a row checkpoints and restores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Precopy,
+    Lazy,
+    PrecopyLazy,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Plain, Mode::Precopy, Mode::Lazy, Mode::PrecopyLazy];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::Precopy => "precopy",
+            Mode::Lazy => "lazy",
+            Mode::PrecopyLazy => "precopy+lazy",
+        }
+    }
+
+    fn precopy(self) -> bool {
+        matches!(self, Mode::Precopy | Mode::PrecopyLazy)
+    }
+
+    fn lazy(self) -> bool {
+        matches!(self, Mode::Lazy | Mode::PrecopyLazy)
+    }
+}
+
+/// CRIU 4.2's dump + restore through tmpfs, for scale (issue 3), in ms.
+fn criu_ms(mib: u64) -> Option<f64> {
+    match mib {
+        64 => Some(130.0),
+        256 => Some(320.0),
+        1024 => Some(1700.0),
+        _ => None,
+    }
+}
+
+/// One measured size and mode.
 struct Row {
     mib: u64,
+    mode: Mode,
     freeze: Duration,
-    checkpoint: Duration,
+    /// Pre-copy rounds while it ran.
+    precopy: Option<Duration>,
+    /// From the freeze until the image was complete.
+    frozen: Duration,
     image: u64,
+    /// Until the restored process ran.
     restore: Duration,
+    /// Until every page was in (lazy).
+    fill: Option<Duration>,
     down: Duration,
     floor: Duration,
 }
@@ -172,9 +223,13 @@ fn bench(c: CheckpointArgs) -> anyhow::Result<ExitCode> {
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let mut rows = Vec::new();
     for &mib in &c.sizes {
-        let r = one(&dir, mib).with_context(|| format!("{mib} MiB"));
-        let _ = fs::remove_dir_all(dir.join("img"));
-        rows.push(r?);
+        let floor = floor(&dir, mib)?;
+        for mode in Mode::ALL {
+            let r =
+                one(&dir, mib, mode, floor).with_context(|| format!("{mib} MiB {}", mode.name()));
+            let _ = fs::remove_dir_all(dir.join("img"));
+            rows.push(r?);
+        }
     }
     if c.dir.is_none() {
         let _ = fs::remove_dir_all(&dir);
@@ -185,28 +240,59 @@ fn bench(c: CheckpointArgs) -> anyhow::Result<ExitCode> {
 
 fn print_table(rows: &[Row], c: &CheckpointArgs) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let opt =
+        |d: Option<Duration>| d.map_or_else(|| "-".to_owned(), |d| format!("{:.1} ms", ms(d)));
     println!("checkpoint + restore of a process with touched anonymous memory (same node)");
     println!(
-        "{:>8} {:>10} {:>12} {:>10} {:>10} {:>14} {:>10} {:>8}",
-        "memory", "freeze", "checkpoint", "image", "restore", "not running", "floor", "ratio"
+        "{:>8} {:>12} {:>8} {:>10} {:>11} {:>8} {:>10} {:>10} {:>11} {:>10} {:>7} {:>9} {:>7}",
+        "memory",
+        "mode",
+        "freeze",
+        "pre-copy",
+        "frozen",
+        "image",
+        "restore",
+        "fill",
+        "not running",
+        "floor",
+        "/floor",
+        "CRIU",
+        "vs CRIU"
     );
     for r in rows {
+        let criu = criu_ms(r.mib);
         println!(
-            "{:>4} MiB {:>7.1} ms {:>9.1} ms {:>6} MiB {:>7.1} ms {:>11.1} ms {:>7.1} ms {:>7.2}x",
+            "{:>4} MiB {:>12} {:>5.1} ms {:>10} {:>8.1} ms {:>4} MiB {:>7.1} ms {:>10} {:>8.1} ms {:>7.1} ms {:>6.2}x {:>9} {:>7}",
             r.mib,
+            r.mode.name(),
             ms(r.freeze),
-            ms(r.checkpoint),
+            opt(r.precopy),
+            ms(r.frozen),
             r.image >> 20,
             ms(r.restore),
+            opt(r.fill),
             ms(r.down),
             ms(r.floor),
-            r.down.as_secs_f64() / r.floor.as_secs_f64().max(1e-9)
+            r.down.as_secs_f64() / r.floor.as_secs_f64().max(1e-9),
+            criu.map_or_else(|| "-".to_owned(), |c| format!("{c:.0} ms")),
+            criu.map_or_else(
+                || "-".to_owned(),
+                |c| format!("{:.1}x", c / ms(r.down).max(1e-9))
+            ),
         );
     }
+    println!(
+        "modes: plain; precopy = checkpoint --precopy; lazy = restore --lazy; precopy+lazy = both"
+    );
+    println!(
+        "pre-copy: rounds while the process ran; frozen: from the freeze until the image was written"
+    );
+    println!("restore: until the process ran again; fill: until every page was in (lazy)");
     println!("not running: largest gap in the program's own 10 ms heartbeat (CLOCK_MONOTONIC)");
     println!(
         "floor: writing that many bytes to a file in the image directory and reading them back"
     );
+    println!("CRIU: CRIU 4.2 dump + restore through tmpfs (issue 3); vs CRIU: CRIU / not running");
     let sizes: Vec<String> = c.sizes.iter().map(u64::to_string).collect();
     let dir = c
         .dir
@@ -243,11 +329,10 @@ pub(crate) fn wait_for(
     Ok(())
 }
 
-fn one(dir: &Path, mib: u64) -> anyhow::Result<Row> {
+fn one(dir: &Path, mib: u64, mode: Mode, floor: Duration) -> anyhow::Result<Row> {
     let out = dir.join(format!("beat-{mib}.txt"));
     let img = dir.join("img");
     let _ = fs::remove_file(&out);
-    let floor = floor(dir, mib)?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["bench", "workload", "--mib", &mib.to_string(), "--out"])
         .arg(&out)
@@ -259,28 +344,51 @@ fn one(dir: &Path, mib: u64) -> anyhow::Result<Row> {
     let pid = Pid::from_raw(i32::try_from(child.id())?);
     let res = (|| {
         wait_for("the workload", 120, || beats(&out).len() >= 20)?;
-        let t = Instant::now();
-        let report = checkpoint(pid, &img, &CheckpointOptions::default())?;
-        let checkpoint_wall = t.elapsed();
+        let opts = CheckpointOptions {
+            precopy: mode.precopy().then(PrecopyOptions::default),
+            ..CheckpointOptions::default()
+        };
+        let report = checkpoint(pid, &img, &opts)?;
         // The checkpoint, as tracer and parent, may have reaped it already.
         let _ = child.wait();
-        let restored = restore(&img, &RestoreOptions::default())?;
-        let rpid = Pid::from_raw(restored.pid);
+        let (rpid, restore_time, fill) = if mode.lazy() {
+            let r = restore_lazy(&img, &RestoreOptions::default(), Default::default())?;
+            let (rpid, t) = (r.pid(), r.restored.total);
+            let filler = std::thread::spawn(move || r.fill(2));
+            (rpid, t, Some(filler))
+        } else {
+            let r = restore(&img, &RestoreOptions::default())?;
+            (r.pid, r.total, None)
+        };
+        let rpid = Pid::from_raw(rpid);
+        let fill = fill
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("the fill thread panicked"))?
+                    .map_err(anyhow::Error::from)
+            })
+            .transpose();
         let n = beats(&out).len();
-        let ok = wait_for("heartbeats after restore", 30, || {
-            beats(&out).len() >= n + 10
+        let ok = fill.and_then(|f| {
+            wait_for("heartbeats after restore", 30, || {
+                beats(&out).len() >= n + 10
+            })?;
+            Ok(f)
         });
         let _ = kill(rpid, Signal::SIGKILL);
         let _ = waitpid(rpid, None);
-        ok?;
+        let fill = ok?;
         let b = beats(&out);
         let gap = b.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
         Ok::<Row, anyhow::Error>(Row {
             mib,
+            mode,
             freeze: report.freeze,
-            checkpoint: checkpoint_wall,
+            precopy: report.precopy.map(|p| p.elapsed),
+            frozen: report.frozen_to_image,
             image: report.capture.pages_bytes + report.capture.image_bytes,
-            restore: restored.total,
+            restore: restore_time,
+            fill: fill.map(|f| f.fill.elapsed),
             down: Duration::from_nanos(u64::try_from(gap).unwrap_or(0)),
             floor,
         })

@@ -1,4 +1,4 @@
-//! `migfs checkpoint PID --to DIR [--leave-running]` and
+//! `migfs checkpoint PID --to DIR [--leave-running] [--precopy]` and
 //! `migfs checkpoint --check PID` (docs/checkpoint-restore.md).
 
 use std::path::PathBuf;
@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::Parser;
 use migfs_mig::agent::client::{AgentLocks, local_node};
 use migfs_mig::checkpoint::{CheckpointOptions, LockParking, checkpoint};
+use migfs_mig::pages::rounds::RoundPolicy;
+use migfs_mig::predump::PrecopyOptions;
 use nix::unistd::Pid;
 
 /// Exit code of `--check` when the process cannot be moved.
@@ -25,9 +27,18 @@ pub struct Args {
     /// Let the process run on after the checkpoint (default: end it).
     #[arg(long)]
     leave_running: bool,
+    /// Copy the process's memory into the image while it still runs, in
+    /// rounds that track the pages it writes (userfaultfd write-protect),
+    /// until what it writes stops shrinking; then freeze it and copy only
+    /// what changed since. The freeze no longer grows with its memory.
+    #[arg(long)]
+    precopy: bool,
+    /// With --precopy: rounds at most (the first copies everything).
+    #[arg(long, default_value_t = 8, requires = "precopy")]
+    precopy_rounds: u32,
     /// Only say whether the process can be moved and, if not, name each
     /// resource that stops it; changes nothing. Exit 0: movable, 3: not.
-    #[arg(long, conflicts_with_all = ["to", "leave_running"])]
+    #[arg(long, conflicts_with_all = ["to", "leave_running", "precopy"])]
     check: bool,
     /// Give up when a thread does not stop within this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
@@ -65,14 +76,30 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         leave_running: a.leave_running,
         freeze_timeout: Duration::from_millis(a.freeze_timeout_ms),
         park: parking(&a)?,
+        precopy: a.precopy.then(|| PrecopyOptions {
+            rounds: RoundPolicy {
+                max_rounds: a.precopy_rounds.max(1),
+                ..RoundPolicy::default()
+            },
+        }),
         ..Default::default()
     };
     // Every error names the pid and what failed.
     let r = checkpoint(pid, &dir, &opts)?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     if a.json {
+        let pre = r.precopy.map_or_else(String::new, |p| {
+            format!(
+                ",\"precopy_rounds\":{},\"precopy_stop\":\"{}\",\"precopy_ms\":{:.3},\"precopy_bytes\":{},\"frozen_copy_bytes\":{}",
+                p.rounds,
+                p.verdict.as_str(),
+                ms(p.elapsed),
+                p.copied,
+                p.frozen_bytes
+            )
+        });
         println!(
-            "{{\"pid\":{pid},\"threads\":{},\"freeze_ms\":{:.3},\"capture_ms\":{:.3},\"copy_ms\":{:.3},\"frozen_ms\":{:.3},\"image_bytes\":{},\"pages_bytes\":{}}}",
+            "{{\"pid\":{pid},\"threads\":{},\"freeze_ms\":{:.3},\"capture_ms\":{:.3},\"copy_ms\":{:.3},\"frozen_ms\":{:.3},\"image_bytes\":{},\"pages_bytes\":{}{pre}}}",
             r.threads,
             ms(r.freeze),
             ms(r.capture.total),
@@ -95,6 +122,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             ms(r.freeze),
             ms(r.capture.total)
         );
+        if let Some(p) = r.precopy {
+            println!(
+                "pre-copy: {} rounds ({}) in {:.1} ms while it ran, {:.1} MiB; {:.1} MiB copied frozen",
+                p.rounds,
+                p.verdict.as_str(),
+                ms(p.elapsed),
+                p.copied as f64 / (1 << 20) as f64,
+                p.frozen_bytes as f64 / (1 << 20) as f64
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
