@@ -454,6 +454,62 @@ fn fcntl_and_flock_locks_on_migfs_stay_held_across_the_move() {
     );
 }
 
+/// VmFlags that /proc/PID/maps does not show (dontfork, wipeonfork,
+/// locked) come back on the target: the move reads them before the freeze
+/// and checks them again while the image travels.
+#[test]
+fn mapping_flags_that_maps_does_not_show_survive_a_move() {
+    let Some(c) = cluster() else { return };
+    let bin = prog("ckpt_vmflags", false);
+    let pid = start_on(&c, "n1", &[bin.to_str().unwrap(), "/migfs/vmflags.txt"]);
+    let out = c.path("n1", "vmflags.txt");
+    assert!(
+        within(10_000, || fs::read_to_string(&out)
+            .is_ok_and(|t| t.contains("beat"))),
+        "the program did not start"
+    );
+    let text = fs::read_to_string(&out).unwrap();
+    let first = text.lines().next().unwrap().to_owned();
+    let w: Vec<&str> = first.split_whitespace().collect();
+    let flags_at = |node: &str, pid: i32, addr: &str| -> String {
+        let smaps = c.exec_ok(node, &["cat", &format!("/proc/{pid}/smaps")]);
+        let mut lines = smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{addr}-")));
+        lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap_or_else(|| panic!("no mapping at {addr} on {node}"))
+            .to_owned()
+    };
+    let expect = [(w[1], "dc"), (w[3], "wf"), (w[5], "lo")];
+    for (addr, flag) in expect {
+        assert!(
+            flags_at("n1", pid, addr)
+                .split_whitespace()
+                .any(|f| f == flag)
+        );
+    }
+    let r = move_json(&c, "n1", &pid.to_string(), "n2", &[]);
+    let pid2 = pid_of(&r);
+    for (addr, flag) in expect {
+        let f = flags_at("n2", pid2, addr);
+        assert!(
+            f.split_whitespace().any(|x| x == flag),
+            "mapping {addr} lost {flag} in the move: {f}"
+        );
+    }
+    let before = fs::read_to_string(&out).unwrap().matches("beat").count();
+    assert!(
+        within(5_000, || fs::read_to_string(&out)
+            .unwrap()
+            .matches("beat")
+            .count()
+            > before + 5),
+        "the moved program does not run"
+    );
+    c.exec_ok("n2", &["kill", "-9", &pid2.to_string()]);
+}
+
 /// `migfs run` relays the task's output and returns its exit status, also
 /// when the task was moved to another node while it ran.
 #[test]

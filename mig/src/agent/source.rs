@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{AgentError, EventStream, Inner, precopy};
+use crate::capture::flags::FlagsSnapshot;
 use crate::capture::{self, CaptureOptions};
 use crate::freeze::{self, Frozen};
 use crate::image::format::{IMAGE_FILE, PAGES_FILE};
@@ -138,6 +139,7 @@ pub async fn start(
         move_id: 0,
         relay: None,
         stdin_pending: Vec::new(),
+        flags_before: None,
     };
     std::thread::Builder::new()
         .name("migfs-move".into())
@@ -238,6 +240,8 @@ struct Move {
     relay: Option<Arc<super::stdin::Relay>>,
     /// What the process had not read from its stdin pipe at the freeze.
     stdin_pending: Vec<u8>,
+    /// VmFlags read just before the freeze (capture reuses them).
+    flags_before: Option<Arc<FlagsSnapshot>>,
 }
 
 /// What happened on the target, for the report.
@@ -353,6 +357,8 @@ impl Move {
             None
         };
 
+        // Read here, while it runs: smaps walks every page table.
+        self.flags_before = FlagsSnapshot::take(self.pid).ok().map(Arc::new);
         self.progress("freeze");
         if let Some(r) = &self.relay {
             r.pause();
@@ -486,10 +492,17 @@ impl Move {
         let opts = CaptureOptions {
             lazy_anon: true,
             relay_pipes: self.relay.iter().map(|r| r.ino).collect(),
+            flags_before: self.flags_before.clone(),
             ..CaptureOptions::default()
         };
         let stats = capture::capture(frozen, dir, &opts, Some(files))
             .map_err(|e| AgentError::phase("capture", e))?;
+        // Flags taken before the freeze are checked while the image travels.
+        let verify = self
+            .flags_before
+            .clone()
+            .filter(|_| stats.flags_reused)
+            .map(|before| std::thread::spawn(move || before.verify()));
         let img =
             crate::image::persist::read_image(dir).map_err(|e| AgentError::phase("capture", e))?;
         let ranges = crate::pages::lazy_ranges(&img.image);
@@ -589,6 +602,10 @@ impl Move {
         };
         self.phase_done("restore", t);
 
+        if let Some(why) = verify.and_then(|v| flags_changed(v.join())) {
+            let _ = send(receive_msg::Msg::Abort(format!("capture: {why}")));
+            return Err(AgentError::phase("capture", why));
+        }
         self.progress(format!("commit: pid {} on {}", ready.pid, self.target.name));
         let t = Instant::now();
         let end = TaskEndMoveRequest {
@@ -667,6 +684,19 @@ impl Move {
 }
 
 /// What the target must match: architecture, vDSO, memory.
+/// Why the VmFlags read before the freeze are not the frozen process's
+/// (a whole mapping `madvise`d or `mlock`ed in between), if they are not.
+fn flags_changed(verified: std::thread::Result<std::io::Result<Option<String>>>) -> Option<String> {
+    match verified {
+        Ok(Ok(None)) => None,
+        Ok(Ok(Some(diff))) => Some(format!(
+            "{diff} while the move prepared; the process runs on here, move it again"
+        )),
+        Ok(Err(e)) => Some(format!("read smaps of the frozen process: {e}")),
+        Err(_) => Some("the smaps check panicked".into()),
+    }
+}
+
 fn prepare_request(pid: Pid, task: u64) -> Result<pb::PrepareRequest, AgentError> {
     let maps = crate::sys::procfs::maps(pid).map_err(|e| AgentError::phase("prepare", e))?;
     let (parts, hash) = match crate::sys::vdso::find(&maps) {

@@ -9,6 +9,7 @@
 //! - [`remote`]: running single calls inside the frozen process.
 
 pub mod files;
+pub mod flags;
 mod ghost;
 pub mod mm;
 pub mod process;
@@ -42,6 +43,11 @@ pub struct CaptureOptions {
     /// none (a migration: the target reopens them by inode while the
     /// frozen original still holds them).
     pub ghost_limit: u64,
+    /// VmFlags read before the freeze ([`flags::FlagsSnapshot`]): used if
+    /// the mappings did not change, which spares the downtime a walk of
+    /// every page table. The caller must then verify them
+    /// ([`CaptureStats::flags_reused`]).
+    pub flags_before: Option<std::sync::Arc<flags::FlagsSnapshot>>,
 }
 
 impl Default for CaptureOptions {
@@ -51,6 +57,7 @@ impl Default for CaptureOptions {
             lazy_anon: false,
             relay_pipes: Vec::new(),
             ghost_limit: 0,
+            flags_before: None,
         }
     }
 }
@@ -69,6 +76,8 @@ pub struct CaptureStats {
     /// Locks the process holds on migfs files (kept in the metadata
     /// server: they go when the process ends unless parked).
     pub migfs_locks: usize,
+    /// The VmFlags came from [`CaptureOptions::flags_before`].
+    pub flags_reused: bool,
 }
 
 /// Writes the image of `frozen` to `dir`. `files` may carry hashes taken
@@ -95,11 +104,15 @@ pub fn capture_with(
     let t0 = Instant::now();
     let pid = frozen.pid();
     let p = pid.as_raw();
-    let flags = procfs::vm_flags(pid).map_err(|source| crate::error::CaptureError::Io {
+    let smaps_err = |source| crate::error::CaptureError::Io {
         pid: p,
         what: "smaps".into(),
         source,
-    })?;
+    };
+    let (flags, flags_reused) = match &opts.flags_before {
+        Some(before) => before.for_frozen(pid).map_err(smaps_err)?,
+        None => (procfs::vm_flags(pid).map_err(smaps_err)?, false),
+    };
     let blockers = crate::check::check_with(pid, &opts.relay_pipes, Some(&flags))?;
     if !blockers.is_empty() {
         return Err(FreezeError::Refused { pid: p, blockers }.into());
@@ -201,5 +214,6 @@ pub fn capture_with(
         copy: mem.copy,
         total: t0.elapsed(),
         migfs_locks: img.locks.iter().filter(|l| on_migfs(l.fd)).count(),
+        flags_reused,
     })
 }
