@@ -26,6 +26,8 @@ pub struct FlagsSnapshot {
     /// The smaps header lines: exactly the text of `/proc/PID/maps` then.
     maps: String,
     flags: VmFlags,
+    /// (start, end, VmFlags) of each mapping.
+    vmas: Vec<(u64, u64, Vec<String>)>,
 }
 
 impl FlagsSnapshot {
@@ -54,20 +56,34 @@ impl FlagsSnapshot {
     }
 }
 
+/// The VmFlags a capture or restore acts on: madvise hints and effects a
+/// restore applies again (dontfork, wipeonfork, (no)hugepage, dontdump,
+/// locked), the stack's grows-down, may-write, hugetlb. Others are the
+/// kernel's bookkeeping or the mover's own (`uw`/`um`: a pre-copy's
+/// userfaultfd, which it drops around the freeze).
+const MEANINGFUL: [&str; 9] = ["dc", "wf", "hg", "nh", "dd", "lo", "gd", "mw", "ht"];
+
+fn meaningful(f: Option<&Vec<String>>) -> Vec<&str> {
+    f.into_iter()
+        .flatten()
+        .map(String::as_str)
+        .filter(|x| MEANINGFUL.contains(x))
+        .collect()
+}
+
+/// The first mapping of `before` whose meaningful flags differ in `now`
+/// (the mapping of `now` that holds its start: the mover's own
+/// userfaultfd may split or merge mappings meanwhile, the process cannot).
 fn differs(before: &FlagsSnapshot, now: &FlagsSnapshot) -> Option<String> {
-    if now.maps != before.maps {
-        return Some("the mappings changed".into());
-    }
-    let mut starts: Vec<&u64> = before.flags.keys().chain(now.flags.keys()).collect();
-    starts.sort_unstable();
-    starts.dedup();
-    starts.into_iter().find_map(|s| {
-        let (a, b) = (before.flags.get(s), now.flags.get(s));
-        (a != b).then(|| {
+    before.vmas.iter().find_map(|(start, _, a)| {
+        let Some((_, _, b)) = now.vmas.iter().find(|(s, e, _)| s <= start && start < e) else {
+            return Some(format!("mapping at {start:#x} is gone"));
+        };
+        (meaningful(Some(a)) != meaningful(Some(b))).then(|| {
             format!(
-                "mapping at {s:#x}: VmFlags {} became {}",
-                a.map_or(String::new(), |f| f.join(" ")),
-                b.map_or(String::new(), |f| f.join(" "))
+                "mapping at {start:#x}: VmFlags {} became {}",
+                a.join(" "),
+                b.join(" ")
             )
         })
     })
@@ -78,27 +94,35 @@ fn differs(before: &FlagsSnapshot, now: &FlagsSnapshot) -> Option<String> {
 fn parse(pid: Pid, text: &str) -> FlagsSnapshot {
     let mut maps = String::new();
     let mut flags = HashMap::new();
+    let mut vmas = Vec::new();
     let mut current = None;
     for line in text.lines() {
         if let Some(f) = line.strip_prefix("VmFlags:") {
-            if let Some(start) = current.take() {
-                flags.insert(start, f.split_whitespace().map(str::to_owned).collect());
+            if let Some((start, end)) = current.take() {
+                let f: Vec<String> = f.split_whitespace().map(str::to_owned).collect();
+                vmas.push((start, end, f.clone()));
+                flags.insert(start, f);
             }
-        } else if let Some(start) = header_start(line) {
+        } else if let Some(range) = header_range(line) {
             maps.push_str(line);
             maps.push('\n');
-            current = Some(start);
+            current = Some(range);
         }
     }
-    FlagsSnapshot { pid, maps, flags }
+    FlagsSnapshot {
+        pid,
+        maps,
+        flags,
+        vmas,
+    }
 }
 
-/// The start address of a mapping's header line ("start-end perms ...").
-fn header_start(line: &str) -> Option<u64> {
+/// The range of a mapping's header line ("start-end perms ...").
+fn header_range(line: &str) -> Option<(u64, u64)> {
     let (range, _) = line.split_once(' ')?;
     let (s, e) = range.split_once('-')?;
-    let hex = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(s) && hex(e)).then(|| u64::from_str_radix(s, 16).ok())?
+    let hex = |x: &str| u64::from_str_radix(x, 16).ok().filter(|_| !x.is_empty());
+    Some((hex(s)?, hex(e)?))
 }
 
 #[cfg(test)]
@@ -137,10 +161,25 @@ VmFlags: rd wr mr mw me gd ac
             why.contains("0x55d0c0000000") && why.contains("became rd wr mr mw me ac lo"),
             "{why}"
         );
-        let moved = parse(Pid::from_raw(1), &SMAPS.replace("7ffd1000-", "7ffd0000-"));
+        let tracked = parse(
+            Pid::from_raw(1),
+            &SMAPS.replace("me ac\n7ffd", "me uw ac\n7ffd"),
+        );
         assert_eq!(
-            differs(&before, &moved).as_deref(),
-            Some("the mappings changed")
+            differs(&tracked, &before),
+            None,
+            "a pre-copy's uffd flag is not a change"
+        );
+        let merged = parse(Pid::from_raw(1), &SMAPS.replace("7ffd1000-", "7ffd0000-"));
+        assert_eq!(
+            differs(&before, &merged),
+            None,
+            "the stack's start is still mapped"
+        );
+        let gone = SMAPS.replace("7ffd1000-7ffd2000", "7ffd3000-7ffd4000");
+        assert_eq!(
+            differs(&before, &parse(Pid::from_raw(1), &gone)).as_deref(),
+            Some("mapping at 0x7ffd1000 is gone")
         );
     }
 
