@@ -287,6 +287,7 @@ fn counter_round_trip_with(static_: bool, ckpt_args: &[&str], restore_args: &[&s
     let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "ckpt-counter"]);
     wait_lines(&out, 20, 5000);
     let flags_before = fdinfo_field(&p.fdinfo(7), "flags");
+    let cpus_before = p.status_field("Cpus_allowed_list");
     checkpoint(&p, &img, ckpt_args);
     let st = p.reap_child();
     assert_eq!(
@@ -316,6 +317,12 @@ fn counter_round_trip_with(static_: bool, ckpt_args: &[&str], restore_args: &[&s
         "O_WRONLY|O_APPEND|O_CLOEXEC|O_LARGEFILE expected"
     );
     assert_eq!(r.status_field("Name"), "ckpt-counter");
+    // The restorer pins itself and the stub to one CPU while rebuilding.
+    assert_eq!(
+        r.status_field("Cpus_allowed_list"),
+        cpus_before,
+        "the restored process kept the restorer's pinned CPU mask"
+    );
     drop(r);
     assert_sequence(&out);
     let pos: u64 = fdinfo_field(&info, "pos").parse().unwrap();
