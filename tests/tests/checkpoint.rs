@@ -758,6 +758,12 @@ fn static_binary_threads_keep_tls_rseq_robust_lists_and_can_be_created() {
 
 /// The threads test, for a dynamic or a static binary.
 fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_created_(static_: bool) {
+    threads_round_trip(static_, &[], &[]);
+}
+
+/// The threads program through `migfs checkpoint` (+ `ckpt_args`) and
+/// `migfs restore` (+ `restore_args`).
+fn threads_round_trip(static_: bool, ckpt_args: &[&str], restore_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("threads.txt");
     let img = dir.path().join("img");
@@ -770,7 +776,7 @@ fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_creat
     let mut before = tids(p.pid);
     assert!(before.len() >= 5, "{before:?}");
     before.truncate(5);
-    checkpoint(&p, &img, &[]);
+    checkpoint(&p, &img, ckpt_args);
     p.reap_child();
     let text = fs::read_to_string(&out).unwrap();
     let last_count = |text: &str, k: u32| -> u64 {
@@ -781,7 +787,7 @@ fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_creat
             .unwrap_or(0)
     };
     let counts: Vec<u64> = (0..4).map(|k| last_count(&text, k)).collect();
-    let r = restore(&img, &[]);
+    let r = restore(&img, restore_args);
     let after = tids(r.pid);
     assert!(
         before.iter().all(|t| after.contains(t)),
@@ -1360,6 +1366,14 @@ fn a_process_writing_its_memory_during_precopy_comes_back_exactly() {
     let last = v.lines().last().unwrap_or_default().to_owned();
     assert!(last.starts_with("verified ok"), "lazy restore: {v}");
     assert!(!v.contains("BAD"), "{v}");
+}
+
+#[test]
+fn threads_keep_their_state_through_precopy_and_lazy_restore() {
+    if !require_ptrace() {
+        return;
+    }
+    threads_round_trip(false, &["--precopy"], &["--lazy"]);
 }
 
 #[test]
