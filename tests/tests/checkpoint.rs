@@ -1377,6 +1377,42 @@ fn threads_keep_their_state_through_precopy_and_lazy_restore() {
 }
 
 #[test]
+fn precopy_with_leave_running_leaves_the_original_correct_and_untracked() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("writer.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_writer", false);
+    let p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "64"]);
+    assert!(within(30_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    let text = checkpoint(&p, &img, &["--precopy", "--leave-running"]);
+    assert!(text.contains("left running"), "{text}");
+    assert!(p.alive());
+    // No mapping is registered with a userfaultfd any more ("uw": wp).
+    let smaps = fs::read_to_string(format!("/proc/{}/smaps", p.pid)).unwrap();
+    assert!(
+        !smaps
+            .lines()
+            .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw")),
+        "still write-protected after the checkpoint"
+    );
+    assert_eq!(p.status_field("TracerPid"), "0");
+    // The image is complete and restores as a copy beside it (before
+    // the original writes to its file again).
+    let copy = restore(&img, &[]);
+    assert_ne!(copy.pid, p.pid);
+    let v = verify(p.pid, &out, 30_000);
+    assert!(v.starts_with("verified ok"), "the original: {v}");
+    let v = verify(copy.pid, &out, 30_000);
+    assert!(!v.contains("BAD"), "the copy: {v}");
+    assert!(copy.alive() && p.alive());
+}
+
+#[test]
 fn counter_continues_through_precopy_and_lazy_restore() {
     if !require_ptrace() {
         return;
