@@ -260,33 +260,38 @@ impl PreDump {
                 unnamed: 0,
             },
         };
+        d.rounds(&opts.rounds)?;
+        d.report.elapsed = t0.elapsed();
+        Ok(d)
+    }
+
+    /// Rounds until `policy` says stop.
+    fn rounds(&mut self, policy: &RoundPolicy) -> Result<(), MigError> {
         let mut last = None;
         loop {
-            let todo = std::mem::take(&mut d.dirty);
-            let (copied, failed) = d.copy(&todo, true)?;
-            d.report.copied += copied;
-            d.report.rounds += 1;
-            let mut dirty = d.tracker.collect()?;
+            let todo = std::mem::take(&mut self.dirty);
+            let (copied, failed) = self.copy(&todo, true)?;
+            self.report.copied += copied;
+            self.report.rounds += 1;
+            let mut dirty = self.tracker.collect()?;
             dirty.extend(failed);
-            d.dirty = normalize(dirty);
-            let left = total(&d.dirty);
-            let verdict = opts.rounds.decide(d.report.rounds, left, last);
+            self.dirty = normalize(dirty);
+            let left = total(&self.dirty);
+            let verdict = policy.decide(self.report.rounds, left, last);
             tracing::debug!(
-                round = d.report.rounds,
+                round = self.report.rounds,
                 copied_kib = copied >> 10,
                 dirty_kib = left >> 10,
                 verdict = verdict.as_str(),
                 "pre-copy round"
             );
             if verdict != Verdict::Again {
-                d.report.verdict = verdict;
-                d.report.last_dirty = left;
-                break;
+                self.report.verdict = verdict;
+                self.report.last_dirty = left;
+                return Ok(());
             }
             last = Some(left);
         }
-        d.report.elapsed = t0.elapsed();
-        Ok(d)
     }
 
     /// Copies the present pages of `todo` (and of every segment it

@@ -287,6 +287,7 @@ fn counter_round_trip_with(static_: bool, ckpt_args: &[&str], restore_args: &[&s
     let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "ckpt-counter"]);
     wait_lines(&out, 20, 5000);
     let flags_before = fdinfo_field(&p.fdinfo(7), "flags");
+    let cpus_before = p.status_field("Cpus_allowed_list");
     checkpoint(&p, &img, ckpt_args);
     let st = p.reap_child();
     assert_eq!(
@@ -316,6 +317,12 @@ fn counter_round_trip_with(static_: bool, ckpt_args: &[&str], restore_args: &[&s
         "O_WRONLY|O_APPEND|O_CLOEXEC|O_LARGEFILE expected"
     );
     assert_eq!(r.status_field("Name"), "ckpt-counter");
+    // The restorer pins itself and the stub to one CPU while rebuilding.
+    assert_eq!(
+        r.status_field("Cpus_allowed_list"),
+        cpus_before,
+        "the restored process kept the restorer's pinned CPU mask"
+    );
     drop(r);
     assert_sequence(&out);
     let pos: u64 = fdinfo_field(&info, "pos").parse().unwrap();
@@ -751,6 +758,12 @@ fn static_binary_threads_keep_tls_rseq_robust_lists_and_can_be_created() {
 
 /// The threads test, for a dynamic or a static binary.
 fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_created_(static_: bool) {
+    threads_round_trip(static_, &[], &[]);
+}
+
+/// The threads program through `migfs checkpoint` (+ `ckpt_args`) and
+/// `migfs restore` (+ `restore_args`).
+fn threads_round_trip(static_: bool, ckpt_args: &[&str], restore_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("threads.txt");
     let img = dir.path().join("img");
@@ -763,7 +776,7 @@ fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_creat
     let mut before = tids(p.pid);
     assert!(before.len() >= 5, "{before:?}");
     before.truncate(5);
-    checkpoint(&p, &img, &[]);
+    checkpoint(&p, &img, ckpt_args);
     p.reap_child();
     let text = fs::read_to_string(&out).unwrap();
     let last_count = |text: &str, k: u32| -> u64 {
@@ -774,7 +787,7 @@ fn threads_keep_their_tls_counters_rseq_robust_lists_and_can_be_joined_and_creat
             .unwrap_or(0)
     };
     let counts: Vec<u64> = (0..4).map(|k| last_count(&text, k)).collect();
-    let r = restore(&img, &[]);
+    let r = restore(&img, restore_args);
     let after = tids(r.pid);
     assert!(
         before.iter().all(|t| after.contains(t)),
@@ -1353,6 +1366,50 @@ fn a_process_writing_its_memory_during_precopy_comes_back_exactly() {
     let last = v.lines().last().unwrap_or_default().to_owned();
     assert!(last.starts_with("verified ok"), "lazy restore: {v}");
     assert!(!v.contains("BAD"), "{v}");
+}
+
+#[test]
+fn threads_keep_their_state_through_precopy_and_lazy_restore() {
+    if !require_ptrace() {
+        return;
+    }
+    threads_round_trip(false, &["--precopy"], &["--lazy"]);
+}
+
+#[test]
+fn precopy_with_leave_running_leaves_the_original_correct_and_untracked() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("writer.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_writer", false);
+    let p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap(), "64"]);
+    assert!(within(30_000, || fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("filled")));
+    let text = checkpoint(&p, &img, &["--precopy", "--leave-running"]);
+    assert!(text.contains("left running"), "{text}");
+    assert!(p.alive());
+    // No mapping is registered with a userfaultfd any more ("uw": wp).
+    let smaps = fs::read_to_string(format!("/proc/{}/smaps", p.pid)).unwrap();
+    assert!(
+        !smaps
+            .lines()
+            .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw")),
+        "still write-protected after the checkpoint"
+    );
+    assert_eq!(p.status_field("TracerPid"), "0");
+    // The image is complete and restores as a copy beside it (before
+    // the original writes to its file again).
+    let copy = restore(&img, &[]);
+    assert_ne!(copy.pid, p.pid);
+    let v = verify(p.pid, &out, 30_000);
+    assert!(v.starts_with("verified ok"), "the original: {v}");
+    let v = verify(copy.pid, &out, 30_000);
+    assert!(!v.contains("BAD"), "the copy: {v}");
+    assert!(copy.alive() && p.alive());
 }
 
 #[test]

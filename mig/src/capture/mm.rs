@@ -270,6 +270,7 @@ fn dump_pages(
         if matches!(VmaKind::try_from(v.kind), Ok(VmaKind::VmaVdsoBlock))
             || (v.kind == VmaKind::VmaFile as i32 && v.shared)
             || v.lazy
+            || subtract(&[(v.start, v.end)], skip).is_empty()
         {
             continue;
         }

@@ -148,9 +148,11 @@ impl Tracker {
         }
         let ranges = normalize(ranges.as_ref().to_vec());
         let scanner = Scanner::open(pid).map_err(io(pid, "open pagemap"))?;
+        let t0 = std::time::Instant::now();
         let frozen = freeze::freeze(pid, FREEZE_TIMEOUT)?;
         let res = setup(&frozen, &ranges);
         crate::checkpoint::thaw(frozen);
+        let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
         let uffd = res?;
         let mut t = Tracker {
             pid,
@@ -163,6 +165,7 @@ impl Tracker {
         tracing::debug!(
             pid = pid.as_raw(),
             ranges = t.ranges.len(),
+            frozen_ms,
             "dirty tracking started"
         );
         Ok(t)

@@ -135,47 +135,16 @@ impl ImagePages {
     pub fn fill(&self, lazy: &LazyPages, pid: i32, threads: usize) -> Result<FillStats, MigError> {
         let t0 = Instant::now();
         let next = AtomicUsize::new(0);
-        let worker = || -> Result<FillStats, MigError> {
-            let mut st = FillStats::default();
-            let mut buf = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(seg) = self.segs.get(i) else {
-                    return Ok(st);
-                };
-                if let Err(e) = self.reader.read(seg, &mut buf) {
-                    let why = format!("{e}; the process was killed");
-                    lazy.abort(why.clone());
-                    return Err(PagesError::Failed { pid, why }.into());
-                }
-                match lazy.install(seg.vaddr, &buf) {
-                    Ok(n) => st.installed_pages += n,
-                    Err(MigError::Pages(PagesError::Gone { .. })) => {
-                        st.gone = true;
-                        return Ok(st);
-                    }
-                    Err(e) => {
-                        // Already failed (the handler killed it), or a
-                        // copy that cannot go on: it must not run on.
-                        lazy.abort(e.to_string());
-                        return Err(e);
-                    }
-                }
-                st.segments += 1;
-                st.bytes += seg.len;
-            }
-        };
         let results: Vec<Result<FillStats, MigError>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(worker)).collect();
+            let hs: Vec<_> = (0..threads.max(1))
+                .map(|_| s.spawn(|| self.fill_some(lazy, pid, &next)))
+                .collect();
             hs.into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        lazy.abort("the fill thread panicked".into());
-                        Err(PagesError::Failed {
-                            pid,
-                            why: "the fill thread panicked".into(),
-                        }
-                        .into())
+                        let why = "the fill thread panicked".to_owned();
+                        lazy.abort(why.clone());
+                        Err(PagesError::Failed { pid, why }.into())
                     })
                 })
                 .collect()
@@ -193,6 +162,43 @@ impl ImagePages {
         }
         total.elapsed = t0.elapsed();
         Ok(total)
+    }
+
+    /// One fill thread: takes the next segment until none is left.
+    fn fill_some(
+        &self,
+        lazy: &LazyPages,
+        pid: i32,
+        next: &AtomicUsize,
+    ) -> Result<FillStats, MigError> {
+        let mut st = FillStats::default();
+        let mut buf = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(seg) = self.segs.get(i) else {
+                return Ok(st);
+            };
+            if let Err(e) = self.reader.read(seg, &mut buf) {
+                let why = format!("{e}; the process was killed");
+                lazy.abort(why.clone());
+                return Err(PagesError::Failed { pid, why }.into());
+            }
+            match lazy.install(seg.vaddr, &buf) {
+                Ok(n) => st.installed_pages += n,
+                Err(MigError::Pages(PagesError::Gone { .. })) => {
+                    st.gone = true;
+                    return Ok(st);
+                }
+                Err(e) => {
+                    // Already failed (the handler killed it), or a copy
+                    // that cannot go on: it must not run on.
+                    lazy.abort(e.to_string());
+                    return Err(e);
+                }
+            }
+            st.segments += 1;
+            st.bytes += seg.len;
+        }
     }
 }
 

@@ -124,6 +124,7 @@ struct Inner {
     st: Arc<State>,
     stop: OwnedFd,
     handler: Option<JoinHandle<()>>,
+    handler_tid: Option<i32>,
 }
 
 fn restore_err(what: &str) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
@@ -157,14 +158,19 @@ pub fn start<T: Target>(
         let st = Arc::new(st);
         let (stop_r, stop_w) = uffd::pipe().map_err(restore_sys("pipe".into()))?;
         let (st2, fetch) = (Arc::clone(&st), Arc::clone(&cfg.fetch));
+        let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel(1);
         let h = std::thread::Builder::new()
             .name(format!("uffd-{}", t.pid()))
-            .spawn(move || handler(&st2, fetch.as_ref(), &stop_r, &kick_r))
+            .spawn(move || {
+                let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+                handler(&st2, fetch.as_ref(), &stop_r, &kick_r);
+            })
             .map_err(restore_err("start the fault handler"))?;
         lp.inner = Some(Inner {
             st,
             stop: stop_w,
             handler: Some(h),
+            handler_tid: tid_rx.recv_timeout(Duration::from_secs(1)).ok(),
         });
         tracing::debug!(pid = t.pid(), ranges = lazy.len(), "lazy memory registered");
     }
@@ -333,6 +339,11 @@ impl LazyPages {
     /// The handler's fatal error, if it had one (the process was killed).
     pub fn failed(&self) -> Option<String> {
         self.inner.as_ref().and_then(|i| i.st.failed())
+    }
+
+    /// The thread id of the fault handler (for its CPU mask).
+    pub fn handler_tid(&self) -> Option<i32> {
+        self.inner.as_ref().and_then(|i| i.handler_tid)
     }
 
     /// Whether there is lazy memory at all.

@@ -20,6 +20,7 @@ pub mod files;
 pub mod inject;
 pub mod lazy;
 pub mod mm;
+pub mod pin;
 pub mod state;
 pub mod stub;
 
@@ -136,7 +137,11 @@ fn restore_resolved(
         .map(|v| (v.start, v.end))
         .collect();
     let old = image.process.as_ref().map_or(0, |p| p.pid);
+    let pin = pin::Pin::here();
     let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid)?;
+    if let Some(p) = &pin {
+        p.join(stub.pid());
+    }
     tracing::debug!(
         prepare_ms = prepare.as_secs_f64() * 1e3,
         stub_ms = (t0.elapsed() - prepare).as_secs_f64() * 1e3,
@@ -144,6 +149,11 @@ fn restore_resolved(
     );
     match rebuild(&mut stub, image, resolved, pages, opts, &ours, &mut extras) {
         Ok(stats) => {
+            if let Some(p) = &pin {
+                let handler = stats.lazy.as_ref().and_then(|l| l.handler_tid());
+                p.release(stub.tids().into_iter().chain(handler));
+            }
+            drop(pin);
             let pid = stub.release().map_err(|e| {
                 RestoreError::new(Step::Resume, files::cause("let it run".into(), e))
             })?;

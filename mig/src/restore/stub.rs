@@ -187,6 +187,11 @@ impl PtraceStub {
         out.result().map_err(CallError::Errno)
     }
 
+    /// Every thread of the stub.
+    pub fn tids(&self) -> Vec<i32> {
+        self.threads.iter().map(|t| t.as_raw()).collect()
+    }
+
     /// Lets the rebuilt process run (detaches every thread); returns its pid.
     pub fn release(mut self) -> Result<i32, CallError> {
         self.done = true;

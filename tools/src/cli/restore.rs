@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     pid_required: bool,
     /// Print the PID and timings as one JSON object instead of the bare PID
-    /// (with --lazy: the PID first, the JSON once every page is in).
+    /// (with --lazy: once every page is in).
     #[arg(long)]
     json: bool,
     /// The migfs mount whose node claims the locks the checkpoint parked.
@@ -41,7 +41,8 @@ pub struct Args {
     /// page is in. Each segment is checked against its blake3 before its
     /// bytes reach the process, but a bad segment found after it resumed
     /// kills it (exit 1, naming the segment): a plain restore finds every
-    /// bad segment before the process runs.
+    /// bad segment before the process runs. Do not kill this command
+    /// before it ends: memory not yet in would then read as zeros.
     #[arg(long)]
     lazy: bool,
 }
