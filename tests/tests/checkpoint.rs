@@ -984,6 +984,105 @@ fn python3_with_a_million_entry_dict_finishes_with_the_right_result() {
     assert_eq!(steps.len(), 100, "steps lost or repeated");
 }
 
+/// A shared writable mapping of a file on /migfs, checkpointed on n1 and
+/// restored on n2: the counter it keeps in the file's first page goes on
+/// from where it was, the mapping is shared again, and the file sees it.
+#[test]
+fn shared_writable_mapping_of_a_migfs_file_moves_to_another_node() {
+    let Some(c) = cluster() else { return };
+    let m = bin_str();
+    let bin = prog("ckpt_shmap", false);
+    let pid = start_on(
+        &c,
+        "n1",
+        &[
+            bin.to_str().unwrap(),
+            "/migfs/shared.bin",
+            "/migfs/shlog.txt",
+        ],
+    );
+    let log = c.path("n1", "shlog.txt");
+    let count = || numbers(&c.path("n2", "shlog.txt")).len();
+    wait_lines(&log, 20, 10_000);
+    c.exec_ok(
+        "n1",
+        &[&m, "checkpoint", &pid.to_string(), "--to", "/migfs/img-sh"],
+    );
+    let n = count();
+    let restored = c
+        .exec_ok("n2", &[&m, "restore", "--from", "/migfs/img-sh"])
+        .trim()
+        .to_owned();
+    assert!(
+        within(10_000, || count() >= n + 20),
+        "the restored copy does not count"
+    );
+    let maps = c.exec_ok("n2", &["cat", &format!("/proc/{restored}/maps")]);
+    assert!(
+        maps.lines()
+            .any(|l| l.contains(" rw-s ") && l.ends_with("/migfs/shared.bin")),
+        "{maps}"
+    );
+    c.exec_ok("n2", &["kill", "-STOP", &restored]);
+    let v = numbers(&c.path("n2", "shlog.txt"));
+    for (i, &x) in v.iter().enumerate() {
+        assert_eq!(
+            x,
+            i as u64 + 1,
+            "the counter in the shared page jumped at line {i}"
+        );
+    }
+    let word = fs::read(c.path("n2", "shared.bin")).unwrap();
+    let in_file = u64::from_ne_bytes(word[..8].try_into().unwrap());
+    assert_eq!(
+        in_file,
+        *v.last().unwrap(),
+        "the file does not see the writes through the mapping"
+    );
+    c.exec_ok("n2", &["kill", "-9", &restored]);
+}
+
+/// python3 holding a million-entry dict, writing its progress to a file on
+/// /migfs, checkpointed on n1 and restored on n2, finishes there with the
+/// right result and every step once.
+#[test]
+fn python3_writing_to_migfs_finishes_on_another_node() {
+    let Some(c) = cluster() else { return };
+    let m = bin_str();
+    fs::write(
+        c.path("n1", "work.py"),
+        "import sys, time\nout = open(sys.argv[1], 'a', buffering=1)\nd = {i: i * i for i in range(1_000_000)}\nout.write('built\\n')\n\
+         for step in range(300):\n    time.sleep(0.01)\n    out.write(f'step {step}\\n')\nout.write(f'result {sum(d.values()) % 1000003}\\n')\n",
+    )
+    .unwrap();
+    let pid = start_on(&c, "n1", &["python3", "/migfs/work.py", "/migfs/py.txt"]);
+    // Each node reads its own writes at once, the other's once published.
+    let on = |node: &str| fs::read_to_string(c.path(node, "py.txt")).unwrap_or_default();
+    let text = || on("n2");
+    assert!(
+        within(60_000, || on("n1").contains("step 20")),
+        "python did not start"
+    );
+    c.exec_ok(
+        "n1",
+        &[&m, "checkpoint", &pid.to_string(), "--to", "/migfs/img-py"],
+    );
+    assert!(
+        !on("n1").contains("result"),
+        "finished before the checkpoint"
+    );
+    c.exec_ok("n2", &[&m, "restore", "--from", "/migfs/img-py"]);
+    assert!(
+        within(30_000, || text().contains("result")),
+        "python did not finish on n2"
+    );
+    let want = (0..1_000_000u64).map(|i| i * i).sum::<u64>() % 1_000_003;
+    let t = text();
+    assert!(t.contains(&format!("result {want}\n")), "{t}");
+    let steps: Vec<&str> = t.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 300, "steps lost or repeated");
+}
+
 #[test]
 fn cwd_umask_rlimits_name_descriptors_and_locks_come_back() {
     if !require_ptrace() {
