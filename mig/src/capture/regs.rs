@@ -88,24 +88,49 @@ pub fn restart_fixup(regs: &mut Regs) -> Option<String> {
     if nr < 0 {
         return None;
     }
+    if let Some(note) = sleep_restart(regs) {
+        return Some(note.to_owned());
+    }
     let ret = -(regs[reg::RAX] as i64);
     let note = match ret {
         abi::ERESTARTSYS | abi::ERESTARTNOINTR | abi::ERESTARTNOHAND => {
             format!("syscall {nr} restarted")
         }
-        abi::ERESTART_RESTARTBLOCK => match nr {
-            libc::SYS_nanosleep if regs[reg::RSI] != 0 => {
-                regs[reg::RDI] = regs[reg::RSI];
-                "nanosleep restarted with the remaining time".to_owned()
-            }
-            libc::SYS_clock_nanosleep
-                if regs[reg::RSI] & TIMER_ABSTIME == 0 && regs[reg::R10] != 0 =>
-            {
-                regs[reg::RDX] = regs[reg::R10];
-                "clock_nanosleep restarted with the remaining time".to_owned()
-            }
-            _ => format!("syscall {nr} restarted with its arguments"),
-        },
+        // The kernel's restart_syscall of a call interrupted before (a
+        // thread frozen twice): the call it restarts is not in the
+        // registers, and a new process has nothing to restart, so the
+        // program gets EINTR from it.
+        abi::ERESTART_RESTARTBLOCK if nr == libc::SYS_restart_syscall => {
+            "a call the kernel was restarting (restart_syscall) returns EINTR".to_owned()
+        }
+        abi::ERESTART_RESTARTBLOCK => format!("syscall {nr} restarted with its arguments"),
+        _ => return None,
+    };
+    regs[reg::RAX] = nr.cast_unsigned();
+    regs[reg::RIP] -= 2;
+    Some(note)
+}
+
+/// A relative `nanosleep` / `clock_nanosleep` the freeze interrupted,
+/// given a `rem` pointer (the kernel wrote the time left there), made
+/// into the same call for the time left: `rem` becomes the request. The
+/// kernel itself would resume it through `restart_syscall`, which a
+/// restored process cannot (no restart block) and which a thread frozen
+/// again later shows instead of the sleep; so a thaw uses this too.
+pub fn sleep_restart(regs: &mut Regs) -> Option<&'static str> {
+    let nr = regs[reg::ORIG_RAX] as i64;
+    if -(regs[reg::RAX] as i64) != abi::ERESTART_RESTARTBLOCK {
+        return None;
+    }
+    let note = match nr {
+        libc::SYS_nanosleep if regs[reg::RSI] != 0 => {
+            regs[reg::RDI] = regs[reg::RSI];
+            "nanosleep restarted with the remaining time"
+        }
+        libc::SYS_clock_nanosleep if regs[reg::RSI] & TIMER_ABSTIME == 0 && regs[reg::R10] != 0 => {
+            regs[reg::RDX] = regs[reg::R10];
+            "clock_nanosleep restarted with the remaining time"
+        }
         _ => return None,
     };
     regs[reg::RAX] = nr.cast_unsigned();
@@ -200,6 +225,26 @@ mod tests {
         r[reg::RDI] = 0x5000;
         restart_fixup(&mut r).unwrap();
         assert_eq!(r[reg::RDI], 0x5000, "no rem pointer: the full time again");
+    }
+
+    #[test]
+    fn a_thaw_restarts_only_sleeps_it_can_resume_exactly() {
+        let mut r = regs(libc::SYS_nanosleep, -abi::ERESTART_RESTARTBLOCK);
+        r[reg::RDI] = 0x5000;
+        r[reg::RSI] = 0x6000;
+        assert!(sleep_restart(&mut r).is_some());
+        assert_eq!(
+            (r[reg::RAX], r[reg::RDI], r[reg::RIP]),
+            (libc::SYS_nanosleep as u64, 0x6000, 0x1000)
+        );
+        let mut r = regs(libc::SYS_poll, -abi::ERESTART_RESTARTBLOCK);
+        assert!(
+            sleep_restart(&mut r).is_none(),
+            "poll is left to the kernel's restart"
+        );
+        assert_eq!(r[reg::RIP], 0x1002);
+        let mut r = regs(libc::SYS_restart_syscall, -abi::ERESTART_RESTARTBLOCK);
+        assert!(restart_fixup(&mut r).unwrap().contains("EINTR"));
     }
 
     #[test]
