@@ -107,3 +107,23 @@ pub fn assert_sequence(path: &Path) {
         );
     }
 }
+
+/// `ckpt_shmap`'s log (in `log`) counts 1, 2, 3, ... with no jump, and
+/// the file it maps (`map`) holds the last value in its first word.
+pub fn assert_shared_counter(log: &Path, map: &Path) {
+    let v = numbers(log);
+    for (i, &x) in v.iter().enumerate() {
+        assert_eq!(
+            x,
+            i as u64 + 1,
+            "the counter in the shared page jumped at line {i}"
+        );
+    }
+    let word = fs::read(map).expect("the mapped file");
+    let in_file = u64::from_ne_bytes(word[..8].try_into().expect("8 bytes"));
+    assert_eq!(
+        Some(in_file),
+        v.last().copied(),
+        "the file does not see the writes through the mapping"
+    );
+}

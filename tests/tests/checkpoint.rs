@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use migfs_e2e::harness::{migfs_bin, output_text};
-use migfs_e2e::progs::{assert_sequence, numbers, prog, wait_lines, within};
+use migfs_e2e::progs::{assert_sequence, assert_shared_counter, numbers, prog, wait_lines, within};
 
 // ---------------------------------------------------------------- probe
 
@@ -877,22 +877,7 @@ fn shared_writable_mapping_of_a_file_stays_shared() {
         "{maps}"
     );
     drop(r);
-    // The log counts 1, 2, 3, ...: numbers() are line values, not indices.
-    let v = numbers(&log);
-    for (i, &x) in v.iter().enumerate() {
-        assert_eq!(
-            x,
-            i as u64 + 1,
-            "the counter in the shared page jumped at line {i}"
-        );
-    }
-    let word = fs::read(&map).unwrap();
-    let in_file = u64::from_ne_bytes(word[..8].try_into().unwrap());
-    assert_eq!(
-        in_file,
-        *v.last().unwrap(),
-        "the file does not see the writes through the mapping"
-    );
+    assert_shared_counter(&log, &map);
 }
 
 #[test]
@@ -1024,21 +1009,7 @@ fn shared_writable_mapping_of_a_migfs_file_moves_to_another_node() {
         "{maps}"
     );
     c.exec_ok("n2", &["kill", "-STOP", &restored]);
-    let v = numbers(&c.path("n2", "shlog.txt"));
-    for (i, &x) in v.iter().enumerate() {
-        assert_eq!(
-            x,
-            i as u64 + 1,
-            "the counter in the shared page jumped at line {i}"
-        );
-    }
-    let word = fs::read(c.path("n2", "shared.bin")).unwrap();
-    let in_file = u64::from_ne_bytes(word[..8].try_into().unwrap());
-    assert_eq!(
-        in_file,
-        *v.last().unwrap(),
-        "the file does not see the writes through the mapping"
-    );
+    assert_shared_counter(&c.path("n2", "shlog.txt"), &c.path("n2", "shared.bin"));
     c.exec_ok("n2", &["kill", "-9", &restored]);
 }
 

@@ -11,7 +11,9 @@ use std::fs;
 use std::process::Output;
 
 use migfs_e2e::harness::{Cluster, migfs_bin, output_text, require_priv};
-use migfs_e2e::progs::{assert_sequence, have_gcc, numbers, prog, wait_lines, within};
+use migfs_e2e::progs::{
+    assert_sequence, assert_shared_counter, have_gcc, numbers, prog, wait_lines, within,
+};
 
 fn cluster() -> Option<Cluster> {
     if !require_priv() || !have_gcc() {
@@ -711,16 +713,7 @@ fn shared_mapping_program_moves_in_every_mode() {
     );
     let pid = there_and_back_in_every_mode(&c, pid, "shlog.txt");
     c.exec_ok("n1", &["kill", "-STOP", &pid.to_string()]);
-    let v = numbers(&c.path("n1", "shlog.txt"));
-    for (i, &x) in v.iter().enumerate() {
-        assert_eq!(x, i as u64 + 1, "the shared counter jumped at line {i}");
-    }
-    let word = fs::read(c.path("n1", "shared.bin")).unwrap();
-    assert_eq!(
-        u64::from_ne_bytes(word[..8].try_into().unwrap()),
-        *v.last().unwrap(),
-        "the file does not see the writes through the mapping"
-    );
+    assert_shared_counter(&c.path("n1", "shlog.txt"), &c.path("n1", "shared.bin"));
     c.exec_ok("n1", &["kill", "-9", &pid.to_string()]);
 }
 
