@@ -13,8 +13,6 @@
 //! process again while the image travels ([`FlagsSnapshot::verify`]) and
 //! fails the move before its commit if they differ.
 
-use std::collections::HashMap;
-
 use nix::unistd::Pid;
 
 use crate::check::VmFlags;
@@ -25,7 +23,6 @@ pub struct FlagsSnapshot {
     pid: Pid,
     /// The smaps header lines: exactly the text of `/proc/PID/maps` then.
     maps: String,
-    flags: VmFlags,
     /// (start, end, VmFlags) of each mapping.
     vmas: Vec<(u64, u64, Vec<String>)>,
 }
@@ -43,9 +40,17 @@ impl FlagsSnapshot {
     pub fn for_frozen(&self, pid: Pid) -> std::io::Result<(VmFlags, bool)> {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
         if pid == self.pid && maps == self.maps {
-            return Ok((self.flags.clone(), true));
+            return Ok((self.flags(), true));
         }
-        Ok((FlagsSnapshot::take(pid)?.flags, false))
+        Ok((FlagsSnapshot::take(pid)?.flags(), false))
+    }
+
+    /// VmFlags by mapping start, as capture takes them.
+    fn flags(&self) -> VmFlags {
+        self.vmas
+            .iter()
+            .map(|(start, _, f)| (*start, f.clone()))
+            .collect()
     }
 
     /// Reads smaps of the frozen process again: `None` if the flags are the
@@ -93,15 +98,16 @@ fn differs(before: &FlagsSnapshot, now: &FlagsSnapshot) -> Option<String> {
 /// up the maps text, each mapping's `VmFlags:` line its flags.
 fn parse(pid: Pid, text: &str) -> FlagsSnapshot {
     let mut maps = String::new();
-    let mut flags = HashMap::new();
     let mut vmas = Vec::new();
     let mut current = None;
     for line in text.lines() {
         if let Some(f) = line.strip_prefix("VmFlags:") {
             if let Some((start, end)) = current.take() {
-                let f: Vec<String> = f.split_whitespace().map(str::to_owned).collect();
-                vmas.push((start, end, f.clone()));
-                flags.insert(start, f);
+                vmas.push((
+                    start,
+                    end,
+                    f.split_whitespace().map(str::to_owned).collect(),
+                ));
             }
         } else if let Some(range) = header_range(line) {
             maps.push_str(line);
@@ -109,12 +115,7 @@ fn parse(pid: Pid, text: &str) -> FlagsSnapshot {
             current = Some(range);
         }
     }
-    FlagsSnapshot {
-        pid,
-        maps,
-        flags,
-        vmas,
-    }
+    FlagsSnapshot { pid, maps, vmas }
 }
 
 /// The range of a mapping's header line ("start-end perms ...").
@@ -144,8 +145,9 @@ VmFlags: rd wr mr mw me gd ac
         let s = parse(Pid::from_raw(1), SMAPS);
         assert_eq!(s.maps.lines().count(), 2);
         assert!(s.maps.starts_with("55d0c0000000-55d0c0021000 rw-p"));
-        assert_eq!(s.flags[&0x55d0_c000_0000].len(), 6);
-        assert!(s.flags[&0x7ffd_1000].contains(&"gd".to_owned()));
+        let flags = s.flags();
+        assert_eq!(flags[&0x55d0_c000_0000].len(), 6);
+        assert!(flags[&0x7ffd_1000].contains(&"gd".to_owned()));
     }
 
     #[test]
@@ -187,7 +189,7 @@ VmFlags: rd wr mr mw me gd ac
     fn a_running_process_reads_the_same_twice_and_matches_its_maps() {
         let me = Pid::this();
         let a = FlagsSnapshot::take(me).unwrap();
-        assert!(!a.flags.is_empty());
+        assert!(!a.vmas.is_empty());
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         // Allocations of the test harness may add a mapping in between.
         if maps == a.maps {

@@ -247,7 +247,7 @@ fn rest<T: Target>(
     steps.mark("mm fields");
     files::open_fds(t, img, r, extras.relay_stdin.as_deref())?;
     if let Some(claim) = extras.claim_locks.take() {
-        claim(t.pid()).map_err(|why| refused(Step::Locks, format!("parked locks: {why}")))?;
+        claim(t.pid()).map_err(|why| refused(Step::Locks, why))?;
     }
     files::take_locks(t, img, r)?;
     steps.mark("files");
