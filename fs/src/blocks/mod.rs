@@ -99,9 +99,14 @@ impl BlockStore {
     /// Fetches the node list from the metadata server (at most every 50 ms,
     /// so a node that just joined gets replicas at once.
     pub async fn refresh_peers(&self) {
+        self.refresh_peers_within(Duration::from_millis(50)).await;
+    }
+
+    /// Refreshes the node list unless it was fetched less than `fresh` ago.
+    async fn refresh_peers_within(&self, fresh: Duration) {
         {
             let mut last = self.peers_fetched.lock();
-            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(50)) {
+            if last.is_some_and(|t| t.elapsed() < fresh) {
                 return;
             }
             *last = Some(std::time::Instant::now());
@@ -243,7 +248,16 @@ impl BlockStore {
             Err(e) => reasons.push(format!("local: {e}")),
         }
         let me = self.node_id();
-        let nodes = self.peers.read().clone();
+        let mut nodes = self.peers.read().clone();
+        // A holder that registered after this node's last look at the list
+        // is not in it yet: look again before calling it unknown.
+        if holders
+            .iter()
+            .any(|&id| id != me && !nodes.iter().any(|n| n.node_id == id))
+        {
+            self.refresh_peers_within(Duration::ZERO).await;
+            nodes = self.peers.read().clone();
+        }
         for id in holders.iter().filter(|&&id| id != me) {
             let Some(n) = nodes.iter().find(|n| n.node_id == *id) else {
                 reasons.push(format!("node#{id}: unknown"));
