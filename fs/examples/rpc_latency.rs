@@ -71,6 +71,7 @@ fn main() {
             let req = LookupRequest {
                 parent: 1,
                 name: name.clone(),
+                session_id: 0,
             };
             meta.call("lookup", |mut c| {
                 let req = req.clone();

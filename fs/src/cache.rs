@@ -172,6 +172,17 @@ impl MetaCache {
         }
     }
 
+    /// Another node now answers for `dir`'s names: forget every cached
+    /// name in it, its listing and its attributes.
+    pub fn forget_dir(&self, dir: u64) {
+        let mut g = self.inner.lock();
+        g.entries.retain(|(p, _), _| *p != dir);
+        g.attrs.remove(&dir);
+        if let Some((old, _)) = g.listings.remove(&dir) {
+            g.listed -= old.len();
+        }
+    }
+
     /// Whether `name` is known not to exist in `dir`.
     pub fn absent(&self, dir: u64, name: &OsStr) -> bool {
         let g = self.inner.lock();

@@ -8,6 +8,7 @@
 //! - [`fuse`]: the FUSE filesystem (namespace ops, data path, control dir).
 //! - [`blocks`]: blake3-named blocks: local store, cache, replication, service.
 //! - [`cache`]: the user-space name and attribute cache.
+//! - [`dirops`]: delegated directories: creates and removals answered here.
 //! - [`meta_client`]: the retrying metadata client.
 //! - [`mount`]: mounting `fuse.migfs`.
 //! - [`error`]: the crate error, `FsError`.
@@ -15,6 +16,7 @@
 
 pub mod blocks;
 pub mod cache;
+pub mod dirops;
 pub mod error;
 pub mod fuse;
 pub mod meta_client;

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 use migfs_proto::auth::{Present, Secret};
 use migfs_proto::frame::FrameChannel;
@@ -36,6 +37,18 @@ pub struct Meta {
     fast: FastMeta,
     retry_for: Duration,
     session: AtomicU64,
+    order: Order,
+}
+
+/// Directory operations a node answered itself go to the server before any
+/// call made after them (see [`crate::dirops`]): each gets a sequence
+/// number, and a call waits until the server applied every number given
+/// out before it started.
+#[derive(Debug)]
+struct Order {
+    queued: AtomicU64,
+    applied: AtomicU64,
+    applied_tx: watch::Sender<u64>,
 }
 
 impl Meta {
@@ -58,6 +71,11 @@ impl Meta {
             fast,
             retry_for,
             session: AtomicU64::new(0),
+            order: Order {
+                queued: AtomicU64::new(0),
+                applied: AtomicU64::new(0),
+                applied_tx: watch::channel(0).0,
+            },
         })
     }
 
@@ -76,9 +94,51 @@ impl Meta {
         self.raw.clone()
     }
 
-    /// Runs `f` against the server, retrying transport failures until the
+    /// The sequence number of a directory operation being queued.
+    pub fn next_queued(&self) -> u64 {
+        self.order.queued.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The server applied every queued operation up to `seq`.
+    pub fn applied(&self, seq: u64) {
+        if self.order.applied.fetch_max(seq, Ordering::SeqCst) < seq {
+            self.order.applied_tx.send_replace(seq);
+        }
+    }
+
+    /// Waits until every operation queued so far is applied, for at most
+    /// the retry budget.
+    pub async fn ordered(&self, op: &'static str) -> Result<()> {
+        let want = self.order.queued.load(Ordering::SeqCst);
+        if self.order.applied.load(Ordering::SeqCst) >= want {
+            return Ok(());
+        }
+        let mut rx = self.order.applied_tx.subscribe();
+        match tokio::time::timeout(self.retry_for, rx.wait_for(|&v| v >= want)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(FsError::Errno {
+                op,
+                errno: libc::EIO,
+                message: "directory operations queued before it did not reach the metadata server in time".into(),
+            }),
+        }
+    }
+
+    /// Runs `f` against the server after every queued directory operation
+    /// (see [`Meta::ordered`]), retrying transport failures until the
     /// retry budget is spent.
     pub async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        F: Fn(FastMeta) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        self.ordered(op).await?;
+        self.call_unordered(op, f).await
+    }
+
+    /// [`Meta::call`] without waiting for queued directory operations (for
+    /// the queue's own calls).
+    pub async fn call_unordered<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
     where
         F: Fn(FastMeta) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,

@@ -183,6 +183,7 @@ pub async fn run(
     let mut shared = Shared::new(data, cfg.ttls);
     shared.info = info;
     let shared = Arc::new(shared);
+    shared.dirops.start();
     let fuse_done = mount_fuse(&cfg, &shared)?;
     tracing::info!(node = %cfg.name, mount = %cfg.mount.display(), listen = %cfg.listen, "node ready");
     if let Some(f) = &cfg.ready_file {
@@ -200,6 +201,10 @@ pub async fn run(
         _ = fuse_done => tracing::warn!("the FUSE session ended (unmounted from outside?)"),
     }
     publish_all(&shared).await;
+    shared.dirops.give_back_all();
+    if let Err(e) = shared.dirops.drain().await {
+        tracing::error!(error = %e, "directory operations answered here were not all sent");
+    }
     crate::mount::unmount(&cfg.mount);
     let _ = stop_tx.send(true);
     for l in loops {
@@ -288,6 +293,7 @@ async fn heartbeat_loop(cfg: NodeConfig, sh: Arc<Shared>, mut lease: Lease) {
                     Ok((_, l)) => {
                         lease = l;
                         reopen_all(&sh).await;
+                        sh.dirops.give_back_all();
                         sh.cache.clear();
                     }
                     Err(e) => tracing::error!(error = %e, "re-registration failed"),
@@ -355,6 +361,9 @@ async fn watch_loop(sh: Arc<Shared>) {
 }
 
 fn forget_everything(sh: &Shared) {
+    // What this node knew of its delegated directories may be stale too
+    // (the server may have restarted): ask the server again from now on.
+    sh.dirops.give_back_all();
     sh.cache.clear();
     for f in sh.files.lock().values() {
         f.invalidate_map();
@@ -382,6 +391,13 @@ fn apply(sh: &Shared, notes: Option<&KernelNotes>, inv: Invalidation) {
             }
         }
         Ok(Kind::All) => forget_everything(sh),
+        Ok(Kind::Recall) => sh.dirops.recall(inv.ino),
+        Ok(Kind::ForgetDir) => {
+            sh.cache.forget_dir(inv.ino);
+            if let Some(n) = notes {
+                n.send(Note::Inode(inv.ino));
+            }
+        }
         _ => tracing::debug!(kind = inv.kind, "unknown invalidation ignored"),
     }
 }

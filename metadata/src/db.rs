@@ -34,6 +34,11 @@ pub struct Config {
     /// Capacity of the invalidation channel; a watcher further behind gets
     /// one `ALL` invalidation instead of what it missed.
     pub watch_backlog: usize,
+    /// A directory's delegation is granted only when no other session read
+    /// its names for this long (longer than the nodes' kernel entry TTL).
+    pub delegate_quiet: Duration,
+    /// How long a recall waits for the holder before taking the delegation.
+    pub recall_wait: Duration,
 }
 
 impl Default for Config {
@@ -43,6 +48,8 @@ impl Default for Config {
             block_size: 65536,
             replicas: 2,
             watch_backlog: 4096,
+            delegate_quiet: Duration::from_secs(2),
+            recall_wait: Duration::from_secs(5),
         }
     }
 }
@@ -60,6 +67,13 @@ pub enum Event {
     /// The session ended: its watch stream closes (0: every session's, the
     /// server is shutting down).
     Ended(u64),
+    /// `session` is asked to give back its delegation of `dir`.
+    Recall {
+        /// The holder.
+        session: u64,
+        /// The directory.
+        dir: u64,
+    },
 }
 
 /// The metadata database: store, single-writer discipline, events.
@@ -154,6 +168,11 @@ impl MetaDb {
             let _ = self.events.send(Event::Ended(s));
         }
         Ok(ret)
+    }
+
+    /// Sends `ev` to the watchers (delegation recalls and grants).
+    pub fn announce(&self, ev: Event) {
+        let _ = self.events.send(ev);
     }
 
     /// Runs the read-only operation `op` on a consistent view.

@@ -226,6 +226,7 @@ fn synced_tree_survives_kill_9() -> Result<()> {
         for (parent, name, ino, size) in &made {
             let a = c
                 .lookup(pb::LookupRequest {
+                    session_id: 0,
                     parent: *parent,
                     name: name.clone().into(),
                 })
@@ -336,6 +337,7 @@ async fn dir_of(c: &mut Client, rng: &mut Rng) -> u64 {
         return ROOT;
     }
     let req = pb::LookupRequest {
+        session_id: 0,
         parent: ROOT,
         name: format!("d{}", rng.below(3)).into(),
     };
@@ -414,7 +416,11 @@ async fn one_op(
         }
         7 => {
             let a = c
-                .lookup(pb::LookupRequest { parent: p, name })
+                .lookup(pb::LookupRequest {
+                    parent: p,
+                    name,
+                    session_id: 0,
+                })
                 .await?
                 .into_inner();
             let np = dir_of(c, rng).await;
@@ -428,7 +434,11 @@ async fn one_op(
         }
         8 => {
             let a = c
-                .lookup(pb::LookupRequest { parent: p, name })
+                .lookup(pb::LookupRequest {
+                    parent: p,
+                    name,
+                    session_id: 0,
+                })
                 .await?
                 .into_inner();
             let h = u8::try_from(rng.below(8)).unwrap_or(0);

@@ -39,6 +39,7 @@ async fn framed_calls_answer_as_http2_does_on_the_same_port() {
     let b = h2.get_attr(pb::InoRequest { ino: ROOT }).await.unwrap();
     assert_eq!(a.into_inner(), b.into_inner());
     let missing = || pb::LookupRequest {
+        session_id: 0,
         parent: ROOT,
         name: b"nothing".to_vec(),
     };
@@ -72,6 +73,7 @@ async fn concurrent_framed_calls_each_get_their_own_answer() {
                 for _ in 0..25 {
                     let r = c
                         .lookup(pb::LookupRequest {
+                            session_id: 0,
                             parent: ROOT,
                             name: format!("f{i}").into_bytes(),
                         })

@@ -356,6 +356,7 @@ async fn readdir_cookies_stay_valid_while_entries_come_and_go() {
     assert!(n.readdir(d.ino, u64::MAX, 10).await.eof);
     let f = n.create(ROOT, "file").await;
     let req = pb::ReadDirRequest {
+        session_id: 0,
         ino: f.ino,
         after_cookie: 0,
         limit: 0,

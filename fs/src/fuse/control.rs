@@ -108,7 +108,13 @@ pub fn read(sh: &Shared, ino: u64) -> Vec<u8> {
         return Vec::new();
     }
     let s = &sh.data.blocks.stats;
+    let d = &sh.dirops.stats;
     let rows = [
+        ("dirops_answered", &d.answered),
+        ("dirops_refused", &d.refused),
+        ("dirops_batches", &d.batches),
+        ("delegations_granted", &d.granted),
+        ("delegations_given_back", &d.recalled),
         ("corrupt_blocks", &s.corrupt_blocks),
         ("cache_hits", &s.cache_hits),
         ("local_reads", &s.local_reads),
@@ -118,9 +124,10 @@ pub fn read(sh: &Shared, ino: u64) -> Vec<u8> {
         ("blocks_collected", &s.blocks_collected),
     ];
     let mut out = format!(
-        "node_id {}\nsession {}\n",
+        "node_id {}\nsession {}\ndelegations_held {}\n",
         sh.data.blocks.node_id(),
-        sh.data.meta.session()
+        sh.data.meta.session(),
+        sh.dirops.held()
     );
     for (k, v) in rows {
         out.push_str(&format!("{k} {}\n", v.load(Ordering::Relaxed)));

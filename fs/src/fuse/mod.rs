@@ -74,6 +74,8 @@ pub struct Shared {
     pub info: Vec<(String, String)>,
     /// Releases of closed files on their way to the metadata server.
     pub closes: closes::Closes,
+    /// Delegated directories and their queue of operations.
+    pub dirops: Arc<crate::dirops::DirOps>,
 }
 
 impl Shared {
@@ -81,6 +83,10 @@ impl Shared {
     pub fn new(data: DataCtx, ttls: Ttls) -> Shared {
         Shared {
             closes: closes::Closes::new(Arc::clone(&data.meta)),
+            dirops: Arc::new(crate::dirops::DirOps::new(
+                Arc::clone(&data.meta),
+                Arc::clone(&data.cache),
+            )),
             cache: Arc::clone(&data.cache),
             data,
             files: Mutex::new(HashMap::new()),

@@ -70,6 +70,7 @@ pub async fn lookup(sh: &Shared, parent: u64, name: &OsStr) -> Result<Attr> {
     let req = LookupRequest {
         parent,
         name: name_bytes(name),
+        session_id: sh.data.meta.session(),
     };
     let a = sh
         .data
@@ -159,7 +160,88 @@ fn mknod_req(sh: &Shared, mk: &Make, open: bool) -> MknodRequest {
         uid: mk.uid,
         gid: mk.gid,
         open,
+        want_delegation: false,
     }
+}
+
+/// Now, in ns since the epoch.
+fn now_ns() -> i64 {
+    super::attr::ns_of(std::time::SystemTime::now())
+}
+
+/// open(O_CREAT) of a new regular file answered here, in a directory this
+/// node holds delegated ([`crate::dirops`]); `None` when the server must
+/// answer (not delegated, name not known absent, no inode number left).
+fn create_here(sh: &Shared, mk: &Make) -> Option<Attr> {
+    let name = OsStr::from_bytes(&mk.name);
+    if mk.name.len() > NAME_MAX
+        || mk.mode & libc::S_IFMT != libc::S_IFREG
+        || !sh.dirops.holds(mk.parent)
+        || !sh.cache.absent(mk.parent, name)
+    {
+        return None;
+    }
+    let mut p = sh.cache.attr(mk.parent)?;
+    let now = now_ns();
+    // The server's rule (metadata::ops::namei): a set-gid directory gives
+    // its group to what is made in it.
+    let gid = if p.mode & libc::S_ISGID != 0 {
+        p.gid
+    } else {
+        mk.gid
+    };
+    let a = sh.dirops.create(mk.parent, &mk.name, |ino| Attr {
+        ino,
+        size: 0,
+        mode: libc::S_IFREG | (mk.mode & 0o7777),
+        nlink: 1,
+        uid: mk.uid,
+        gid,
+        rdev: 0,
+        atime_ns: now,
+        mtime_ns: now,
+        ctime_ns: now,
+        crtime_ns: now,
+        data_version: 0,
+    })?;
+    p.mtime_ns = now;
+    p.ctime_ns = now;
+    sh.cache.put_attr(&p);
+    sh.cache.put_entry(mk.parent, name, &a);
+    sh.cache.listing_add(mk.parent, name);
+    Some(a)
+}
+
+/// unlink(2) answered here (see [`create_here`]); false when the server
+/// must answer.
+fn unlink_here(sh: &Shared, parent: u64, name: &OsStr) -> bool {
+    if !sh.dirops.holds(parent) {
+        return false;
+    }
+    let (Some(a), Some(mut p)) = (sh.cache.lookup(parent, name), sh.cache.attr(parent)) else {
+        return false;
+    };
+    if super::attr::is_dir(&a) {
+        return false;
+    }
+    let now = now_ns();
+    if !sh.dirops.unlink(parent, name.as_bytes(), a.ino, now) {
+        return false;
+    }
+    sh.cache.drop_entry(parent, name);
+    sh.cache.listing_remove(parent, name);
+    if a.nlink > 1 {
+        let mut a = a;
+        a.nlink -= 1;
+        a.ctime_ns = now;
+        sh.cache.put_attr(&a);
+    } else {
+        sh.cache.drop_attr(a.ino);
+    }
+    p.mtime_ns = now;
+    p.ctime_ns = now;
+    sh.cache.put_attr(&p);
+    true
 }
 
 /// Caches what a create-like call answered: the new entry, and the
@@ -207,7 +289,15 @@ fn parent_changed(sh: &Shared, parent: u64, attr: Option<Attr>) {
 /// Creates a node (regular file, fifo, device...); `open` also opens it.
 pub async fn mknod(sh: &Shared, mk: Make, open: bool) -> Result<Attr> {
     control::refuse_in_control(mk.parent)?;
-    let req = mknod_req(sh, &mk, open);
+    if open && let Some(a) = create_here(sh, &mk) {
+        return Ok(a);
+    }
+    let mut req = mknod_req(sh, &mk, open);
+    // Knowing every name in the directory, this node could answer the
+    // next creates there itself.
+    req.want_delegation = open
+        && !sh.dirops.holds(mk.parent)
+        && sh.cache.absent(mk.parent, OsStr::from_bytes(&mk.name));
     let r = sh
         .data
         .meta
@@ -217,7 +307,12 @@ pub async fn mknod(sh: &Shared, mk: Make, open: bool) -> Result<Attr> {
         })
         .await;
     let r = exists_if_eexist(sh, mk.parent, &mk.name, r)?;
-    created(sh, "mknod", mk.parent, &mk.name, r)
+    let delegated = r.delegated;
+    let a = created(sh, "mknod", mk.parent, &mk.name, r)?;
+    if delegated {
+        sh.dirops.granted(mk.parent);
+    }
+    Ok(a)
 }
 
 /// Who asks (for the access checks the kernel cannot make itself).
@@ -383,6 +478,10 @@ pub async fn remove(sh: &Shared, parent: u64, name: &OsStr, dir: bool) -> Result
         name: name_bytes(name),
     };
     let op = if dir { "rmdir" } else { "unlink" };
+    if !dir && unlink_here(sh, parent, name) {
+        return Ok(());
+    }
+    let child = sh.cache.lookup(parent, name).map(|a| a.ino);
     forget_name(sh, parent, name);
     let r = sh
         .data
@@ -405,6 +504,10 @@ pub async fn remove(sh: &Shared, parent: u64, name: &OsStr, dir: bool) -> Result
     forget_name(sh, parent, name);
     sh.cache.listing_remove(parent, name);
     parent_changed(sh, parent, r.parent);
+    if dir && let Some(c) = child {
+        // A removed directory's delegation is of no use any more.
+        sh.dirops.recall(c);
+    }
     Ok(())
 }
 
@@ -562,6 +665,7 @@ pub async fn readdir(
             ino,
             after_cookie: after,
             limit: READDIR_BATCH,
+            session_id: sh.data.meta.session(),
         };
         let r = sh
             .data

@@ -82,6 +82,51 @@ pub fn symlink(t: &mut Txn<'_>, mut n: NewNode<'_>) -> Result<Inode> {
 }
 
 fn create(t: &mut Txn<'_>, n: NewNode<'_>) -> Result<Inode> {
+    make(t, n, None, t.now)
+}
+
+/// A regular file made by the holder of its directory's delegation, with
+/// the inode number leased to it and its clock's time. Fails before
+/// writing anything (so a batch can go on with its next operation).
+pub fn create_leased(t: &mut Txn<'_>, mut n: NewNode<'_>, ino: u64, now: i64) -> Result<Inode> {
+    if ino <= 1 || super::get_inode(t, ino)?.is_some() {
+        return Err(e::eexist(format!("inode {ino} is in use")));
+    }
+    n.mode = mode::S_IFREG | (n.mode & mode::PERM);
+    n.target = &[];
+    make(t, n, Some(ino), now)
+}
+
+/// unlink(2) from a delegation holder, who saw `ino` under `name`: fails
+/// (changing nothing) when the name holds anything else now.
+pub fn unlink_seen(t: &mut Txn<'_>, parent: u64, name: &[u8], ino: u64, now: i64) -> Result<()> {
+    let (mut p, d, i) = victim(t, parent, name)?;
+    if i.ino != ino {
+        return Err(e::enoent(format!(
+            "{:?} in directory {parent} is inode {}, not {ino}",
+            show(name),
+            i.ino
+        )));
+    }
+    if i.is_dir() {
+        return Err(e::eisdir(format!("{:?} is a directory", show(name))));
+    }
+    remove_entry(t, &mut p, name, d);
+    p.mtime = now;
+    p.ctime = now;
+    t.put_inode(&p);
+    let saved = t.now;
+    t.now = now;
+    let r = drop_link(t, i);
+    t.now = saved;
+    r?;
+    t.inval_entry(parent, name);
+    t.inval_inode(parent);
+    Ok(())
+}
+
+/// Makes the node `n` (numbered `ino`, or a fresh number) at time `now`.
+fn make(t: &mut Txn<'_>, n: NewNode<'_>, ino: Option<u64>, now: i64) -> Result<Inode> {
     check_name(n.name)?;
     let mut p = dir(t, n.parent)?;
     if dentry(t, n.parent, n.name)?.is_some() {
@@ -102,7 +147,10 @@ fn create(t: &mut Txn<'_>, n: NewNode<'_>) -> Result<Inode> {
             mode_bits |= mode::S_ISGID;
         }
     }
-    let ino = t.fresh_id()?;
+    let ino = match ino {
+        Some(i) => i,
+        None => t.fresh_id()?,
+    };
     let node = Inode {
         ino,
         mode: mode_bits,
@@ -111,10 +159,10 @@ fn create(t: &mut Txn<'_>, n: NewNode<'_>) -> Result<Inode> {
         rdev: n.rdev,
         nlink: if is_dir { 2 } else { 1 },
         size: n.target.len() as u64,
-        atime: t.now,
-        mtime: t.now,
-        ctime: t.now,
-        crtime: t.now,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        crtime: now,
         data_version: 0,
         parent: if is_dir { p.ino } else { 0 },
         children: 0,
@@ -124,8 +172,8 @@ fn create(t: &mut Txn<'_>, n: NewNode<'_>) -> Result<Inode> {
     if is_dir {
         p.nlink += 1;
     }
-    p.mtime = t.now;
-    p.ctime = t.now;
+    p.mtime = now;
+    p.ctime = now;
     t.put_inode(&p);
     t.put_inode(&node);
     count_inodes(t, 1)?;

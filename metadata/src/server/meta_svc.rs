@@ -9,6 +9,7 @@ use migfs_proto::meta::{self as pb, meta_server::Meta};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::delegate::Delegations;
 use super::load::{self, Loads};
 use super::watch;
 use crate::db::MetaDb;
@@ -24,12 +25,15 @@ const READDIR_MAX: u32 = 4096;
 const READDIR_DEFAULT: u32 = 1024;
 /// Largest GcClaim answer.
 const GC_CLAIM_MAX: u32 = 65536;
+/// Most inode numbers one LeaseInodes call gives out.
+const LEASE_MAX: u32 = 4096;
 
 /// The Meta service over one [`MetaDb`].
 #[derive(Clone, Debug)]
 pub struct MetaService {
     db: Arc<MetaDb>,
     loads: Arc<Loads>,
+    dele: Arc<Delegations>,
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -55,9 +59,69 @@ fn hash(b: &[u8]) -> Result<[u8; 32]> {
 impl MetaService {
     /// A service over `db`.
     pub fn new(db: Arc<MetaDb>) -> MetaService {
+        let c = db.config();
+        let dele = Arc::new(Delegations::new(c.delegate_quiet, c.recall_wait));
         MetaService {
             db,
             loads: Arc::new(Loads::default()),
+            dele,
+        }
+    }
+
+    /// The delegation table.
+    pub fn delegations(&self) -> &Arc<Delegations> {
+        &self.dele
+    }
+
+    /// Before `session` reads or changes the names in `dir`.
+    async fn enter(&self, dir: u64, session: u64) {
+        self.dele.enter(&self.db, dir, session, true).await;
+    }
+
+    /// Before `session` changes what `name` in `parent` is, when that is a
+    /// directory another session may hold (rmdir, rename over it): its
+    /// holder may have names in it the server does not know yet.
+    async fn enter_child(&self, parent: u64, name: &[u8], session: u64) {
+        if self.dele.held() == 0 {
+            return;
+        }
+        let name = name.to_vec();
+        let child = self
+            .read(move |s| Ok(ops::dentry(s, parent, &name)?.map(|d| d.ino)))
+            .await;
+        if let Ok(Some(c)) = child {
+            self.dele.enter(&self.db, c, session, false).await;
+        }
+    }
+
+    /// Applies one operation of a delegation holder's batch.
+    fn apply_dir_op(t: &mut Txn<'_>, session: u64, op: &pb::DirOp) -> Result<()> {
+        match &op.op {
+            Some(pb::dir_op::Op::Create(c)) => {
+                let a = c
+                    .attr
+                    .as_ref()
+                    .ok_or_else(|| e::einval("a batched create without attributes"))?;
+                if c.open {
+                    // Checked first: nothing may fail after the first write.
+                    sessions::session(t, session)?;
+                }
+                let n = namei::NewNode {
+                    parent: ino(c.parent)?,
+                    name: &c.name,
+                    mode: a.mode,
+                    rdev: 0,
+                    uid: a.uid,
+                    gid: a.gid,
+                    target: &[],
+                    open_in: c.open.then_some(session),
+                };
+                namei::create_leased(t, n, a.ino, a.ctime_ns).map(|_| ())
+            }
+            Some(pb::dir_op::Op::Unlink(u)) => {
+                namei::unlink_seen(t, ino(u.parent)?, &u.name, ino(u.ino)?, u.time_ns)
+            }
+            None => Err(e::einval("an empty batched operation")),
         }
     }
 
@@ -123,6 +187,7 @@ impl MetaService {
         finish(res.map(|(node, p)| pb::EntryReply {
             attr: Some(to_attr(&node)),
             parent: Some(to_attr(&p)),
+            delegated: false,
         }))
     }
 
@@ -145,24 +210,32 @@ impl MetaService {
 
     async fn create(&self, r: pb::MknodRequest, dir: bool) -> Reply<pb::EntryReply> {
         let open_in = (r.open && !dir).then_some(r.session_id);
-        self.entry_write(r.session_id, r.parent, move |t| {
-            let n = namei::NewNode {
-                parent: ino(r.parent)?,
-                name: &r.name,
-                mode: r.mode,
-                rdev: r.rdev,
-                uid: r.uid,
-                gid: r.gid,
-                target: &[],
-                open_in,
-            };
-            if dir {
-                namei::mkdir(t, n)
-            } else {
-                namei::mknod(t, n)
-            }
-        })
-        .await
+        let (session, parent) = (r.session_id, r.parent);
+        let want = r.want_delegation && !dir;
+        self.enter(parent, session).await;
+        let mut reply = self
+            .entry_write(r.session_id, r.parent, move |t| {
+                let n = namei::NewNode {
+                    parent: ino(r.parent)?,
+                    name: &r.name,
+                    mode: r.mode,
+                    rdev: r.rdev,
+                    uid: r.uid,
+                    gid: r.gid,
+                    target: &[],
+                    open_in,
+                };
+                if dir {
+                    namei::mkdir(t, n)
+                } else {
+                    namei::mknod(t, n)
+                }
+            })
+            .await?;
+        if want && self.dele.grant(&self.db, parent, session) {
+            reply.get_mut().delegated = true;
+        }
+        Ok(reply)
     }
 
     fn lock_req(r: &pb::LockRequest) -> Result<locks::LockReq> {
@@ -262,12 +335,13 @@ impl Meta for MetaService {
             return Err(Status::unavailable("the metadata server is shutting down"));
         }
         let res = self.read(move |s| sessions::session(s, sid)).await;
-        finish(res.map(|_| watch::start(&self.db, sid, rx)))
+        finish(res.map(|_| watch::start(&self.db, &self.dele, sid, rx)))
     }
 
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent))]
     async fn lookup(&self, req: Request<pb::LookupRequest>) -> Reply<pb::Attr> {
         let r = req.into_inner();
+        self.enter(r.parent, r.session_id).await;
         let res = self
             .read(move |s| namei::lookup(s, ino(r.parent)?, &r.name))
             .await;
@@ -287,6 +361,7 @@ impl Meta for MetaService {
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
     async fn set_attr(&self, req: Request<pb::SetAttrRequest>) -> Reply<pb::Attr> {
         let r = req.into_inner();
+        self.dele.enter(&self.db, r.ino, r.session_id, false).await;
         self.attr_of_write(r.session_id, move |t| {
             ino(r.ino)?;
             ops::attr::setattr(t, &r)
@@ -307,6 +382,7 @@ impl Meta for MetaService {
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
     async fn symlink(&self, req: Request<pb::SymlinkRequest>) -> Reply<pb::EntryReply> {
         let r = req.into_inner();
+        self.enter(r.parent, r.session_id).await;
         self.entry_write(r.session_id, r.parent, move |t| {
             let n = namei::NewNode {
                 parent: ino(r.parent)?,
@@ -326,6 +402,7 @@ impl Meta for MetaService {
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, session = req.get_ref().session_id))]
     async fn link(&self, req: Request<pb::LinkRequest>) -> Reply<pb::EntryReply> {
         let r = req.into_inner();
+        self.enter(r.new_parent, r.session_id).await;
         self.entry_write(r.session_id, r.new_parent, move |t| {
             namei::link(t, ino(r.ino)?, ino(r.new_parent)?, &r.new_name)
         })
@@ -335,6 +412,7 @@ impl Meta for MetaService {
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
     async fn unlink(&self, req: Request<pb::NameRequest>) -> Reply<pb::ParentReply> {
         let r = req.into_inner();
+        self.enter(r.parent, r.session_id).await;
         self.remove_write(r.session_id, r.parent, move |t| {
             namei::unlink(t, ino(r.parent)?, &r.name)
         })
@@ -344,6 +422,8 @@ impl Meta for MetaService {
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
     async fn rmdir(&self, req: Request<pb::NameRequest>) -> Reply<pb::ParentReply> {
         let r = req.into_inner();
+        self.enter(r.parent, r.session_id).await;
+        self.enter_child(r.parent, &r.name, r.session_id).await;
         self.remove_write(r.session_id, r.parent, move |t| {
             namei::rmdir(t, ino(r.parent)?, &r.name)
         })
@@ -353,6 +433,12 @@ impl Meta for MetaService {
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().parent, session = req.get_ref().session_id))]
     async fn rename(&self, req: Request<pb::RenameRequest>) -> Reply<pb::RenameReply> {
         let r = req.into_inner();
+        self.enter(r.parent, r.session_id).await;
+        if r.new_parent != r.parent {
+            self.enter(r.new_parent, r.session_id).await;
+        }
+        self.enter_child(r.new_parent, &r.new_name, r.session_id)
+            .await;
         let res = self
             .write(r.session_id, move |t| {
                 let rn = rename::Rename {
@@ -382,6 +468,7 @@ impl Meta for MetaService {
     #[instrument(level = "debug", skip_all, fields(ino = req.get_ref().ino, after = req.get_ref().after_cookie))]
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Reply<pb::ReadDirReply> {
         let r = req.into_inner();
+        self.enter(r.ino, r.session_id).await;
         let limit = match r.limit {
             0 => READDIR_DEFAULT,
             n => n.min(READDIR_MAX),
@@ -402,6 +489,67 @@ impl Meta for MetaService {
                 eof,
             }
         }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(session = req.get_ref().session_id, count = req.get_ref().count))]
+    async fn lease_inodes(
+        &self,
+        req: Request<pb::LeaseInodesRequest>,
+    ) -> Reply<pb::LeaseInodesReply> {
+        let r = req.into_inner();
+        let n = r.count.clamp(1, LEASE_MAX);
+        let res = self
+            .write(r.session_id, move |t| {
+                sessions::session(t, r.session_id)?;
+                (0..n).map(|_| t.fresh_id()).collect::<Result<Vec<u64>>>()
+            })
+            .await;
+        finish(res.map(|inos| pb::LeaseInodesReply { inos }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(session = req.get_ref().session_id, ops = req.get_ref().ops.len()))]
+    async fn dir_batch(&self, req: Request<pb::DirBatchRequest>) -> Reply<pb::DirBatchReply> {
+        let r = req.into_inner();
+        let session = r.session_id;
+        let mut dirs: Vec<u64> = r
+            .ops
+            .iter()
+            .filter_map(|o| match &o.op {
+                Some(pb::dir_op::Op::Create(c)) => Some(c.parent),
+                Some(pb::dir_op::Op::Unlink(u)) => Some(u.parent),
+                None => None,
+            })
+            .collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        // Normally the caller holds them all; after a server restart or a
+        // delegation taken from it, another session may.
+        for &d in &dirs {
+            self.enter(d, session).await;
+        }
+        let ops = r.ops;
+        let res = self
+            .write(session, move |t| {
+                let mut out = Vec::with_capacity(ops.len());
+                for op in &ops {
+                    // Each operation checks everything before it writes, so
+                    // one that fails leaves the transaction as it was.
+                    match Self::apply_dir_op(t, session, op) {
+                        Ok(()) => out.push(0),
+                        Err(err) if err.errno() != libc::EIO => {
+                            tracing::warn!(session, error = %err, "a batched directory operation was refused");
+                            out.push(err.errno());
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        for d in r.release {
+            self.dele.release(d, session);
+        }
+        finish(res.map(|errno| pb::DirBatchReply { errno }))
     }
 
     #[instrument(level = "debug", skip_all)]

@@ -1,6 +1,7 @@
 //! The metadata server: the tonic [`MetaService`] behind the cluster-secret
 //! check, the session reaper, and graceful shutdown.
 
+pub mod delegate;
 mod load;
 mod meta_svc;
 pub mod watch;

@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use super::delegate::Delegations;
 use crate::db::{Event, MetaDb};
 
 /// The stream type of the Watch RPC.
@@ -20,9 +21,19 @@ const QUEUE: usize = 256;
 
 /// Starts the stream for `session`. `rx` must have been subscribed before
 /// the session was checked, so nothing committed afterwards is missed.
-pub fn start(db: &Arc<MetaDb>, session: u64, rx: broadcast::Receiver<Event>) -> WatchStream {
+pub fn start(
+    db: &Arc<MetaDb>,
+    dele: &Arc<Delegations>,
+    session: u64,
+    rx: broadcast::Receiver<Event>,
+) -> WatchStream {
     let (tx, out) = mpsc::channel(QUEUE);
-    tokio::spawn(forward(rx, tx, session));
+    dele.watch_started(session);
+    let dele = Arc::clone(dele);
+    tokio::spawn(async move {
+        forward(rx, tx, session).await;
+        dele.watch_ended(session);
+    });
     tracing::debug!(session, watchers = db.watchers(), "watch stream started");
     ReceiverStream::new(out)
 }
@@ -42,6 +53,14 @@ async fn forward(
             Ok(Event::Changed { .. }) => continue,
             Ok(Event::Ended(s)) if s == session || s == 0 => return,
             Ok(Event::Ended(_)) => continue,
+            Ok(Event::Recall { session: s, dir }) if s == session => {
+                Arc::from(vec![Invalidation {
+                    kind: Kind::Recall.into(),
+                    ino: dir,
+                    ..Default::default()
+                }])
+            }
+            Ok(Event::Recall { .. }) => continue,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::debug!(session, missed, "watcher fell behind");
                 let all = Invalidation {

@@ -194,6 +194,7 @@ impl Node {
 
     pub async fn lookup(&mut self, parent: u64, name: &str) -> Result<Attr, Status> {
         let req = pb::LookupRequest {
+            session_id: 0,
             parent,
             name: name.into(),
         };
@@ -261,6 +262,7 @@ impl Node {
 
     pub async fn readdir(&mut self, ino: u64, after_cookie: u64, limit: u32) -> pb::ReadDirReply {
         let req = pb::ReadDirRequest {
+            session_id: 0,
             ino,
             after_cookie,
             limit,

@@ -32,6 +32,11 @@ pub struct Args {
     /// Copies of each block nodes keep, for a new database.
     #[arg(long, default_value_t = 2)]
     replicas: u32,
+    /// Seconds without another node looking into a directory before a node
+    /// may take its delegation (answer creates and removals there itself);
+    /// keep it above the nodes' --kernel-ttl. 0 turns delegations off.
+    #[arg(long, env = "MIGFS_DELEGATE_QUIET", default_value_t = 2.0)]
+    delegate_quiet: f64,
 }
 
 /// Runs the server.
@@ -47,10 +52,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.replicas == 0 {
         anyhow::bail!("--replicas must be at least 1");
     }
+    let delegate_quiet = Duration::try_from_secs_f64(a.delegate_quiet)
+        .context("--delegate-quiet must be a non-negative number of seconds")?;
     let config = Config {
         lease: Duration::from_millis(a.lease_ms),
         block_size: a.block_size,
         replicas: a.replicas,
+        delegate_quiet,
         ..Config::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
