@@ -33,6 +33,9 @@ use crate::meta_client::Meta;
 
 /// Operations per batch at most.
 const BATCH_MAX: usize = 4096;
+/// Beyond this many unsent operations the server answers again (a server
+/// that does not keep up makes the callers wait, not the queue grow).
+const QUEUE_MAX: usize = 65536;
 /// Inode numbers asked for at a time, and the level that asks for more.
 const POOL_LEASE: u32 = 2048;
 const POOL_LOW: usize = 512;
@@ -147,7 +150,7 @@ impl DirOps {
         make: impl FnOnce(u64) -> Attr,
     ) -> Option<Attr> {
         let mut st = self.st.lock();
-        if !st.held.contains(&dir) {
+        if !st.held.contains(&dir) || st.queue.len() >= QUEUE_MAX {
             return None;
         }
         let Some(ino) = st.pool.pop() else {
@@ -175,7 +178,7 @@ impl DirOps {
     /// holds `dir`; false: ask the server instead.
     pub fn unlink(&self, dir: u64, name: &[u8], ino: u64, now_ns: i64) -> bool {
         let mut st = self.st.lock();
-        if !st.held.contains(&dir) {
+        if !st.held.contains(&dir) || st.queue.len() >= QUEUE_MAX {
             return false;
         }
         let op = dir_op::Op::Unlink(RemovedName {

@@ -132,6 +132,12 @@ impl<'s> Txn<'s> {
         self.ended.push(session);
     }
 
+    /// Keeps only the invalidations `keep` accepts (a delegation holder's
+    /// batch: nobody else has its directory's names cached).
+    pub fn retain_invals(&mut self, keep: impl FnMut(&Invalidation) -> bool) {
+        self.invals.retain(keep);
+    }
+
     /// Turns the transaction into its batch and side effects.
     pub fn finish(self) -> Outcome {
         let mut batch = Batch::new();

@@ -527,6 +527,14 @@ impl Meta for MetaService {
         for &d in &dirs {
             self.enter(d, session).await;
         }
+        // Names in a directory this session holds are cached nowhere else
+        // (the others forgot them at the grant, and any look since would
+        // have recalled it): no other session needs their invalidations.
+        let held: Vec<u64> = dirs
+            .iter()
+            .copied()
+            .filter(|&d| self.dele.holds(d, session))
+            .collect();
         let ops = r.ops;
         let res = self
             .write(session, move |t| {
@@ -543,6 +551,9 @@ impl Meta for MetaService {
                         Err(err) => return Err(err),
                     }
                 }
+                t.retain_invals(|i| {
+                    !(i.kind == pb::invalidation::Kind::Entry as i32 && held.contains(&i.parent))
+                });
                 Ok(out)
             })
             .await;
