@@ -751,6 +751,12 @@ impl Filesystem for MigFs {
         if control::is_control(ino.0) || cmd != IOC_FLOCK_HELD || !size_ok {
             return reply.error(Errno::ENOTTY);
         }
+        // A checkpoint asks this of every migfs file before the process
+        // leaves: what this node answered itself (delegated directories)
+        // reaches the server first, so the target finds those inodes.
+        if let Err(e) = self.run(self.sh.dirops.drain()) {
+            return reply.error(e);
+        }
         reply.ioctl(0, &lock::flock_held(&self.sh, fh).encode());
     }
 
