@@ -157,6 +157,9 @@ async fn a_recall_waits_for_what_the_holder_queued_before_answering() {
     )
     .await;
     assert_eq!(errs, [0]);
+    // Given back, and b not answered yet perhaps: a cannot take it again
+    // while b waits for it.
+    assert!(!create_asking(&mut a, d.ino, "w").await.delegated);
     let (mut b, found) = b_looks.await.unwrap();
     let y = found.expect("b does not see the name a made before giving the directory back");
     assert_eq!((y.ino, y.mode, y.uid, y.gid), (inos[0], 0o100_600, 7, 8));

@@ -78,32 +78,35 @@ impl Delegations {
             let gone = {
                 let mut g = self.inner.lock();
                 let g = &mut *g;
-                let Some(h) = g.held.get_mut(&dir) else {
+                let Some(holder) = g.held.get(&dir).map(|h| h.session) else {
                     if reads {
                         note_reader(g, dir, session);
                     }
                     return;
                 };
-                if h.session == session && session != 0 {
+                if holder == session && session != 0 {
                     return;
                 }
-                if g.watching.get(&h.session).copied().unwrap_or(0) == 0 {
+                // Noted now, not only once it is answered: while it waits,
+                // the holder must not be granted the directory again.
+                note_reader(g, dir, session);
+                if g.watching.get(&holder).copied().unwrap_or(0) == 0 {
                     // Nobody to recall it from: the holder's node is gone.
                     tracing::warn!(
                         dir,
-                        holder = h.session,
+                        holder,
                         "delegation dropped: its holder has no watch stream"
                     );
                     end(g, dir);
-                    if reads {
-                        note_reader(g, dir, session);
-                    }
                     return;
                 }
+                let Some(h) = g.held.get_mut(&dir) else {
+                    return;
+                };
                 if !h.recalled {
                     h.recalled = true;
                     db.announce(Event::Recall {
-                        session: h.session,
+                        session: holder,
                         dir,
                     });
                 }
