@@ -188,6 +188,18 @@ fn unreachable_metadata_server_gives_eio_in_bounded_time_then_recovers() {
     assert_eq!(fs::read(c.path("n2", "before")).unwrap(), b"1");
 }
 
+/// `len` pseudo-random bytes (xorshift from `x`, which moves on).
+fn noise(len: usize, x: &mut u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            (*x >> 56) as u8
+        })
+        .collect()
+}
+
 #[test]
 fn full_data_disk_gives_enospc_and_corrupts_nothing() {
     if !require_priv() {
@@ -215,14 +227,7 @@ fn full_data_disk_gives_enospc_and_corrupts_nothing() {
     fs::write(c.path("n1", "keep"), &keep).unwrap();
     // Pseudo-random bytes: no two blocks alike, so nothing deduplicates.
     let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    let big: Vec<u8> = (0..32_000_000u32)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 56) as u8
-        })
-        .collect();
+    let big = noise(32_000_000, &mut x);
     let mut f = fs::File::create(c.path("n1", "big")).unwrap();
     let err = f
         .write_all(&big)
@@ -246,14 +251,7 @@ fn full_data_disk_gives_enospc_and_corrupts_nothing() {
     // reads back whole, on both nodes.
     let mut ok = 0;
     for round in 0..40u32 {
-        let data: Vec<u8> = (0..2_000_000u32)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 56) as u8
-            })
-            .collect();
+        let data = noise(2_000_000, &mut x);
         let res = fs::File::create(c.path("n1", "again"))
             .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()));
         match res {
