@@ -2,8 +2,9 @@
 //! `tests/progs`, built with gcc here): capture without anonymous memory,
 //! restore with userfaultfd on this machine while the original stays
 //! frozen and serves its pages (so the copy gets a new PID), pushes,
-//! preloads, discards, failing fetches; and dirty tracking of a running
-//! process for pre-copy.
+//! discards, failing fetches; stop-and-copy with the original sending its
+//! own pages and the stub receiving them into place; and dirty tracking
+//! of a running process for pre-copy.
 //!
 //! Needs root (ptrace, pidfd_getfd, clone3, PR_SET_MM_MAP), a kernel with
 //! userfaultfd write-protect (WP_ASYNC, WP_UNPOPULATED) and PAGEMAP_SCAN
@@ -21,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use migfs_mig::capture::{self, CaptureOptions};
 use migfs_mig::freeze::{self, Frozen};
+use migfs_mig::pages::wire::{Incoming, Link, Origin, PageServer};
 use migfs_mig::pages::{self, LazyConfig, LazyPages, PageFetch, PageSource, Tracker};
+use migfs_mig::restore::stream::StreamFill;
 use migfs_mig::restore::{self, Extras, RestoreOptions};
 use migfs_mig::sys::uffd;
 use nix::sys::signal::{Signal, kill};
@@ -357,16 +360,12 @@ impl Lazy {
         }
     }
 
-    /// Restores the copy with `fetch` and `preload`; the copy's guard,
-    /// its lazy pages, and how long the restore took.
-    fn restore(
-        &self,
-        fetch: Arc<dyn PageFetch>,
-        preload: Option<pages::Preload>,
-    ) -> Result<(Proc, LazyPages, Duration), String> {
+    /// Restores the copy with `fetch`; the copy's guard, its lazy pages,
+    /// and how long the restore took.
+    fn restore(&self, fetch: Arc<dyn PageFetch>) -> Result<(Proc, LazyPages, Duration), String> {
         let t = Instant::now();
         let extras = Extras {
-            lazy: Some(LazyConfig { fetch, preload }),
+            lazy: Some(LazyConfig { fetch }),
             ..Extras::default()
         };
         let mut r = restore::restore_with(
@@ -443,7 +442,7 @@ fn lazy_restore_faults_everything_in_on_demand() {
     }
     let l = Lazy::new(256);
     let fetch = SourceFetch::new(&l.source);
-    let (copy, lazy, took) = l.restore(fetch.clone(), None).expect("restore");
+    let (copy, lazy, took) = l.restore(fetch.clone()).expect("restore");
     assert!(
         !has_uffd(copy.pid),
         "the userfaultfd is still in the process"
@@ -486,9 +485,7 @@ fn four_threads_fault_at_once() {
         return;
     }
     let l = Lazy::with_threads(128, 4);
-    let (copy, lazy, _) = l
-        .restore(SourceFetch::new(&l.source), None)
-        .expect("restore");
+    let (copy, lazy, _) = l.restore(SourceFetch::new(&l.source)).expect("restore");
     let t = Instant::now();
     copy.signal(Signal::SIGUSR1);
     let line = wait_line(&l.out, "verified", WAIT_MS);
@@ -511,9 +508,7 @@ fn background_push_then_finish_leaves_a_process_without_userfaultfd() {
         return;
     }
     let l = Lazy::new(256);
-    let (copy, lazy, _) = l
-        .restore(SourceFetch::new(&l.source), None)
-        .expect("restore");
+    let (copy, lazy, _) = l.restore(SourceFetch::new(&l.source)).expect("restore");
     let lazy = Arc::new(lazy);
     let t = Instant::now();
     let pusher = {
@@ -566,44 +561,203 @@ fn background_push_then_finish_leaves_a_process_without_userfaultfd() {
     assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
 }
 
+/// The original as a page server sees it in a move: reads from outside,
+/// pulls sent from inside it by the thread that froze it (the test's).
+struct Handing {
+    source: Arc<PageSource>,
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<Handed>>,
+}
+
+type Handed = (
+    std::net::TcpStream,
+    Vec<(u64, u64)>,
+    std::sync::mpsc::SyncSender<Option<std::io::Result<u64>>>,
+);
+
+impl Origin for Handing {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.source.read(addr, buf).map_err(|e| e.to_string())
+    }
+
+    fn present(&self) -> Result<Vec<(u64, u64)>, String> {
+        self.source.present().map_err(|e| e.to_string())
+    }
+
+    fn send_runs(
+        &self,
+        s: &mut std::net::TcpStream,
+        chunks: &[(u64, u64)],
+    ) -> Option<std::io::Result<u64>> {
+        let (done, answer) = std::sync::mpsc::sync_channel(1);
+        let job = (s.try_clone().ok()?, chunks.to_vec(), done);
+        self.tx.lock().unwrap().send(job).ok()?;
+        answer.recv().ok().flatten()
+    }
+}
+
+fn fds(pid: Pid) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let to = fs::read_link(e.path()).unwrap_or_default();
+            format!("{} -> {}", e.file_name().to_string_lossy(), to.display())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A stop-and-copy of `l` over a real page channel: the stub receives
+/// every page itself, sent by `serve` (on this thread, which froze the
+/// original). Returns the copy and the pages the stub counted.
+fn stream_copy(
+    l: &Lazy,
+    origin: impl FnOnce(std::sync::mpsc::Sender<Handed>) -> Arc<dyn Origin>,
+    serve: impl Fn(Handed),
+) -> Result<(Proc, u64), String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = PageServer::start("127.0.0.1".parse().unwrap(), 7, origin(tx)).unwrap();
+    let link = Link {
+        addr: server.addr(),
+        move_id: 7,
+        token: server.token(),
+    };
+    let dir = l.dir.path().join("img");
+    let counted = Arc::new(AtomicU64::new(0));
+    let pages = Arc::clone(&counted);
+    let restorer = thread::spawn(move || {
+        let pull = Incoming::pull(&link, &[])?;
+        let extras = Extras {
+            stream: Some(StreamFill { pull, pages }),
+            ..Extras::default()
+        };
+        restore::restore_with(&dir, &RestoreOptions::default(), extras)
+            .map(|r| r.pid)
+            .map_err(|e| e.to_string())
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(job) => serve(job),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !restorer.is_finished() => {}
+            Err(_) => break,
+        }
+    }
+    let pid = restorer.join().unwrap()?;
+    server.close();
+    Ok((Proc::adopt(pid), counted.load(Ordering::Relaxed)))
+}
+
 #[test]
-fn preload_installs_everything_before_the_process_runs() {
+fn the_original_sends_its_pages_from_inside_and_the_stub_receives_them_in_place() {
     if !require() {
         return;
     }
-    let l = Lazy::new(64);
+    let mut l = Lazy::new(64);
     let source = Arc::clone(&l.source);
-    let installed = Arc::new(AtomicU64::new(0));
-    let inst = Arc::clone(&installed);
-    // Stop-and-copy: every page of every lazy range, touched or not.
-    let preload: pages::Preload = Box::new(move |lazy: &LazyPages| {
-        let t = Instant::now();
-        let mut bytes = 0;
-        for (s, e) in pages::chunks(source.ranges(), 4 << 20) {
-            let mut buf = vec![0u8; usize::try_from(e - s).unwrap()];
-            source.read(s, &mut buf).map_err(|e| e.to_string())?;
-            inst.fetch_add(
-                lazy.install(s, &buf).map_err(|e| e.to_string())?,
-                Ordering::Relaxed,
-            );
-            bytes += e - s;
-        }
-        eprintln!(
-            "preload {bytes} bytes in {:?} = {:.0} MB/s",
-            t.elapsed(),
-            mbps(bytes, t.elapsed())
-        );
-        Ok(())
-    });
-    let (copy, lazy, _) = l
-        .restore(SourceFetch::new(&l.source), Some(preload))
-        .expect("restore");
+    let orig = l.orig.pid();
+    let before = fds(orig);
+    let sent = Arc::new(AtomicU64::new(0));
+    let (copy, counted) = stream_copy(
+        &l,
+        |tx| {
+            Arc::new(Handing {
+                source,
+                tx: std::sync::Mutex::new(tx),
+            })
+        },
+        |(mut sock, chunks, done)| {
+            let r = match pages::inside::send_runs(orig, &mut sock, &chunks) {
+                pages::inside::Sent::Done(r) => r,
+                pages::inside::Sent::NotHere(why) => panic!("could not send from inside: {why}"),
+            };
+            let bytes = r.as_ref().map_or(0, |b| *b);
+            sent.store(bytes, Ordering::Relaxed);
+            let _ = done.send(Some(r));
+        },
+    )
+    .expect("restore with the stub receiving its pages");
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent >= 64 << 20, "only {sent} bytes were sent");
+    assert_eq!(
+        counted * PAGE,
+        sent,
+        "the stub counted other pages than were sent"
+    );
+    // The copy has every page and no userfaultfd: nothing is left to fetch.
+    assert!(!has_uffd(copy.pid().as_raw()), "the copy has a userfaultfd");
     copy.signal(Signal::SIGUSR1);
     assert!(wait_line(&l.out, "verified", WAIT_MS).starts_with("verified ok"));
-    let st = lazy.finish();
-    assert_eq!(st.demand_faults, 0, "{st:?}");
-    assert!(installed.load(Ordering::Relaxed) >= (64 << 20) / PAGE);
-    assert_eq!(st.installed_pages, installed.load(Ordering::Relaxed));
+    // The original lost no descriptor, gained none, and runs on intact.
+    assert_eq!(fds(orig), before, "the original's descriptors changed");
+    drop(copy);
+    l.frozen.take().unwrap().thaw();
+    l.orig.signal(Signal::SIGUSR1);
+    assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+}
+
+/// Serves a frozen process's pages but announces some at an address of
+/// its own choosing.
+struct Lying {
+    source: Arc<PageSource>,
+    at: u64,
+}
+
+impl Origin for Lying {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+        if addr >= self.at {
+            buf.fill(0xee);
+            return Ok(());
+        }
+        self.source.read(addr, buf).map_err(|e| e.to_string())
+    }
+
+    fn present(&self) -> Result<Vec<(u64, u64)>, String> {
+        let mut runs = self.source.present().map_err(|e| e.to_string())?;
+        runs.push((self.at, self.at + 4 * PAGE));
+        Ok(runs)
+    }
+}
+
+/// Every child of this process (of any of its threads).
+fn children() -> Vec<i32> {
+    let mut v: Vec<i32> = fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn a_stream_with_a_page_outside_the_anonymous_memory_fails_the_restore() {
+    if !require() {
+        return;
+    }
+    let l = Lazy::new(8);
+    // The stub's own helper region and code live far from the image's
+    // memory; no lazy range of lazy_mem reaches this high.
+    let at = 0x7fff_0000_0000u64 & !(PAGE - 1);
+    assert!(l.source.ranges().iter().all(|&(_, e)| e <= at));
+    let source = Arc::clone(&l.source);
+    let before = children();
+    let err = stream_copy(
+        &l,
+        |_| Arc::new(Lying { source, at }),
+        |_| panic!("this origin sends from outside"),
+    )
+    .map(|(p, _)| p.pid())
+    .expect_err("a run outside the process's memory was accepted");
+    assert!(
+        err.contains("not whole pages of the process's anonymous memory"),
+        "{err}"
+    );
+    assert_eq!(children(), before, "a stub was left");
 }
 
 #[test]
@@ -612,9 +766,7 @@ fn discarded_memory_stays_zero_when_a_push_comes_later() {
         return;
     }
     let l = Lazy::new(64);
-    let (copy, lazy, _) = l
-        .restore(SourceFetch::new(&l.source), None)
-        .expect("restore");
+    let (copy, lazy, _) = l.restore(SourceFetch::new(&l.source)).expect("restore");
     copy.signal(Signal::SIGUSR2);
     wait_line(&l.out, "dontneed done", WAIT_MS);
     let st = lazy.stats();
@@ -644,9 +796,7 @@ fn moved_memory_is_fetched_from_its_old_address() {
         return;
     }
     let l = Lazy::new(64);
-    let (copy, lazy, _) = l
-        .restore(SourceFetch::new(&l.source), None)
-        .expect("restore");
+    let (copy, lazy, _) = l.restore(SourceFetch::new(&l.source)).expect("restore");
     // mremap of the last quarter (not touched yet) to a new place, 1 MiB
     // longer; half of it checked there at once (faults at the new place).
     copy.signal(Signal::SIGALRM);
@@ -669,9 +819,7 @@ fn a_child_forked_while_memory_is_lazy_gets_its_pages() {
         return;
     }
     let l = Lazy::new(64);
-    let (copy, lazy, _) = l
-        .restore(SourceFetch::new(&l.source), None)
-        .expect("restore");
+    let (copy, lazy, _) = l.restore(SourceFetch::new(&l.source)).expect("restore");
     // Discard a quarter, then fork a child that checks everything at
     // once: nothing has arrived yet, so its faults come on the child's
     // own userfaultfd.
@@ -718,7 +866,7 @@ fn a_failing_fetch_kills_the_process_and_is_reported() {
         inner: SourceFetch::new(&l.source),
         bad: l.region,
     });
-    let (mut copy, lazy, _) = l.restore(fetch, None).expect("restore");
+    let (mut copy, lazy, _) = l.restore(fetch).expect("restore");
     copy.signal(Signal::SIGUSR1);
     let status = copy.wait_gone(20_000);
     assert!(
@@ -746,7 +894,7 @@ fn a_failing_fetch_kills_the_process_and_is_reported() {
         inner: SourceFetch::new(&l.source),
         bad: (0, u64::MAX),
     });
-    match l.restore(fetch, None) {
+    match l.restore(fetch) {
         Err(e) => assert!(
             e.contains("lazy memory failed") && e.contains("injected"),
             "{e}"

@@ -45,31 +45,85 @@ type Events = mpsc::Sender<Result<pb::MoveEvent, Status>>;
 pub struct Serving {
     pages: Arc<PageSource>,
     server: PageServer,
-    done: Mutex<Option<std_mpsc::Sender<pb::DrainedRequest>>>,
+    done: Mutex<Option<ToMover>>,
+}
+
+/// What the move's thread hears while it waits: the target's "drained",
+/// and pushes the page server hands it (only the thread that froze the
+/// process can send from inside it, [`crate::pages::inside`]).
+enum Heard {
+    Drained(pb::DrainedRequest),
+    Push(Push),
+}
+
+type ToMover = mpsc::UnboundedSender<Heard>;
+
+/// Chunks to send on a pull's connection; the answer goes to `done`
+/// (`None`: nothing was sent, the page server sends them itself).
+struct Push {
+    sock: std::net::TcpStream,
+    chunks: Vec<(u64, u64)>,
+    done: std_mpsc::SyncSender<Option<std::io::Result<u64>>>,
+}
+
+/// The frozen original as its page server sees it: reads by
+/// `process_vm_readv`, pulls sent from inside it by the move's thread.
+struct Original {
+    pages: Arc<PageSource>,
+    mover: ToMover,
+}
+
+impl Origin for Original {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.pages.read(addr, buf).map_err(|e| e.to_string())
+    }
+
+    fn present(&self) -> Result<Vec<(u64, u64)>, String> {
+        self.pages.present().map_err(|e| e.to_string())
+    }
+
+    fn send_runs(
+        &self,
+        s: &mut std::net::TcpStream,
+        chunks: &[(u64, u64)],
+    ) -> Option<std::io::Result<u64>> {
+        let (done, answer) = std_mpsc::sync_channel(1);
+        let push = Push {
+            sock: s.try_clone().ok()?,
+            chunks: chunks.to_vec(),
+            done,
+        };
+        self.mover.send(Heard::Push(push)).ok()?;
+        answer.recv().ok().flatten()
+    }
 }
 
 impl Serving {
     /// Serves the frozen original's lazy memory `pages` for move
-    /// `move_id` on a new page channel on `ip`.
+    /// `move_id` on a new page channel on `ip`; tells `mover` what it must
+    /// hear.
     fn start(
         ip: std::net::IpAddr,
         move_id: u64,
         pages: PageSource,
-        done: std_mpsc::Sender<pb::DrainedRequest>,
+        mover: ToMover,
     ) -> std::io::Result<Serving> {
         let pages = Arc::new(pages);
-        let origin: Arc<dyn Origin> = Arc::clone(&pages) as Arc<dyn Origin>;
+        let origin: Arc<dyn Origin> = Arc::new(Original {
+            pages: Arc::clone(&pages),
+            mover: mover.clone(),
+        });
         Ok(Serving {
             server: PageServer::start(ip, move_id, origin)?,
             pages,
-            done: Mutex::new(Some(done)),
+            done: Mutex::new(Some(mover)),
         })
     }
 
     /// The target has every page.
     pub fn drained(&self, r: pb::DrainedRequest) {
         if let Some(tx) = self.done.lock().take() {
-            let _ = tx.send(r);
+            let _ = tx.send(Heard::Drained(r));
         }
     }
 
@@ -140,6 +194,8 @@ pub async fn start(
         relay: None,
         stdin_pending: Vec::new(),
         flags_before: None,
+        heard: None,
+        drained: None,
     };
     std::thread::Builder::new()
         .name("migfs-move".into())
@@ -242,6 +298,10 @@ struct Move {
     stdin_pending: Vec<u8>,
     /// VmFlags read just before the freeze (capture reuses them).
     flags_before: Option<Arc<FlagsSnapshot>>,
+    /// What the page server and the target's "drained" tell this thread.
+    heard: Option<mpsc::UnboundedReceiver<Heard>>,
+    /// The target's "drained", when it came during another wait.
+    drained: Option<pb::DrainedRequest>,
 }
 
 /// What happened on the target, for the report.
@@ -395,7 +455,7 @@ impl Move {
         let res = self.frozen(&frozen, files, &dir, &mut client, t_freeze, rounds);
         let _ = std::fs::remove_dir_all(&dir);
         match res {
-            Ok((mut report, ready, drained_rx)) => {
+            Ok((mut report, ready)) => {
                 // The target feeds its stdin now.
                 self.inner.stdins.lock().remove(&self.task.task_id);
                 // Committed: the original only serves pages now; after a
@@ -416,7 +476,7 @@ impl Move {
                 if complete {
                     end_original(&mut report);
                 }
-                let drained = drained_rx.recv_timeout(DRAIN_TIMEOUT);
+                let drained = self.wait_drained(DRAIN_TIMEOUT);
                 let served = self.inner.sources.lock().remove(&self.move_id);
                 let served = served.map(|s| s.close());
                 if !complete {
@@ -424,7 +484,7 @@ impl Move {
                 }
                 self.phase_done("drain", t_drain);
                 match drained {
-                    Ok(d) => {
+                    Some(d) => {
                         report.pages_demand = d.pages_demand;
                         report.pages_push = d.pages_push;
                         report.pages_eager += d.pages_eager;
@@ -432,7 +492,7 @@ impl Move {
                             tracing::error!(error = %d.error, "the target reported a page error");
                         }
                     }
-                    Err(_) => tracing::error!(
+                    None => tracing::error!(
                         task = self.task.task_id,
                         "the target never said it had every page; the original was ended anyway"
                     ),
@@ -478,14 +538,7 @@ impl Move {
         client: &mut super::AgentClient,
         t_freeze: Instant,
         rounds: Option<precopy::Rounds>,
-    ) -> Result<
-        (
-            pb::MoveReport,
-            TargetSide,
-            std_mpsc::Receiver<pb::DrainedRequest>,
-        ),
-        AgentError,
-    > {
+    ) -> Result<(pb::MoveReport, TargetSide), AgentError> {
         self.progress("capture");
         let t = Instant::now();
         std::fs::create_dir_all(dir).map_err(|e| AgentError::phase("capture", e))?;
@@ -508,8 +561,9 @@ impl Move {
         let ranges = crate::pages::lazy_ranges(&img.image);
         let pages =
             PageSource::new(self.pid, ranges).map_err(|e| AgentError::phase("capture", e))?;
-        let (done_tx, done_rx) = std_mpsc::channel();
-        let serving = Serving::start(self.inner.cfg.listen.ip(), self.move_id, pages, done_tx)
+        let (heard_tx, heard_rx) = mpsc::unbounded_channel();
+        self.heard = Some(heard_rx);
+        let serving = Serving::start(self.inner.cfg.listen.ip(), self.move_id, pages, heard_tx)
             .map_err(|e| AgentError::phase("capture", format!("start the page server: {e}")))?;
         let serving = Arc::new(serving);
         self.inner
@@ -651,15 +705,73 @@ impl Move {
             pages_eager: stats.pages_bytes / 4096 + ready.pages_eager,
             ..Default::default()
         };
-        Ok((report, ready, done_rx))
+        Ok((report, ready))
     }
 
+    /// Sends a push the page server handed over from inside the frozen
+    /// original (this thread froze it).
+    fn push(&self, p: Push) {
+        let Push {
+            mut sock,
+            chunks,
+            done,
+        } = p;
+        let answer = match crate::pages::inside::send_runs(self.pid, &mut sock, &chunks) {
+            crate::pages::inside::Sent::NotHere(why) => {
+                tracing::info!(pid = self.pid.as_raw(), %why, "pages cannot be sent from inside the original; read from outside");
+                None
+            }
+            crate::pages::inside::Sent::Done(r) => Some(r),
+        };
+        let _ = done.send(answer);
+    }
+
+    /// The next thing heard within `limit`, or `None` (nothing more can
+    /// be heard, or the time is up).
+    fn hear(&mut self, limit: Duration) -> Option<Heard> {
+        let rx = self.heard.as_mut()?;
+        self.inner
+            .rt
+            .block_on(async { tokio::time::timeout(limit, rx.recv()).await.ok().flatten() })
+    }
+
+    /// Waits at most `limit` for the target's "drained", sending the
+    /// pushes handed over meanwhile.
+    fn wait_drained(&mut self, limit: Duration) -> Option<pb::DrainedRequest> {
+        let t0 = Instant::now();
+        while self.drained.is_none() {
+            match self.hear(limit.saturating_sub(t0.elapsed()))? {
+                Heard::Drained(d) => self.drained = Some(d),
+                Heard::Push(p) => self.push(p),
+            }
+        }
+        self.drained.take()
+    }
+
+    /// The target's next event, sending the pushes handed over meanwhile.
     fn next_event(
-        &self,
+        &mut self,
         events: &mut tonic::Streaming<pb::ReceiveEvent>,
         phase: &'static str,
     ) -> Result<receive_event::Event, AgentError> {
-        match self.block_on(events.next()) {
+        let got = loop {
+            let heard = self.heard.as_mut();
+            let step = self.inner.rt.block_on(async {
+                match heard {
+                    Some(rx) => tokio::select! {
+                        e = events.next() => Ok(e),
+                        Some(h) = rx.recv() => Err(h),
+                    },
+                    None => Ok(events.next().await),
+                }
+            });
+            match step {
+                Ok(e) => break e,
+                Err(Heard::Drained(d)) => self.drained = Some(d),
+                Err(Heard::Push(p)) => self.push(p),
+            }
+        };
+        match got {
             Some(Ok(pb::ReceiveEvent {
                 event: Some(receive_event::Event::Failed(f)),
             })) => Err(AgentError::phase(

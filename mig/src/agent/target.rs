@@ -22,7 +22,8 @@ use super::{AgentClient, AgentError, EventStream, Inner};
 use crate::image::format::{IMAGE_FILE, PAGES_FILE};
 use crate::pages::Store;
 use crate::pages::wire::{self, Link};
-use crate::pages::{LazyConfig, LazyPages, PageFetch, Preload};
+use crate::pages::{LazyConfig, LazyPages, PageFetch};
+use crate::restore::stream::StreamFill;
 use crate::restore::{Extras, RestoreOptions};
 
 /// Whether this node can take a process described by `r`; the reason if not.
@@ -293,16 +294,22 @@ fn rebuild(
     };
     let eager = Mode::try_from(b.mode) == Ok(Mode::Eager);
     let t_locks = t0.elapsed();
-    let link2 = link.clone();
     let preloaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let pre = Arc::clone(&preloaded);
-    let preload: Option<Preload> = (eager && copied.is_none()).then(|| {
-        Box::new(move |lazy: &LazyPages| {
-            let n = pull_all(&link2, lazy, &[])?;
-            pre.store(n, std::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        }) as Preload
-    });
+    // Stop-and-copy: the stub receives every page itself before it runs.
+    let stream = if eager && copied.is_none() {
+        match wire::Incoming::pull(&link, &[]) {
+            Ok(pull) => Some(StreamFill {
+                pull,
+                pages: Arc::clone(&preloaded),
+            }),
+            Err(e) => {
+                give_back(&inner, session, to_pid, held);
+                return send(failed("restore", format!("pull the pages: {e}")));
+            }
+        }
+    } else {
+        None
+    };
     let remote: Arc<dyn PageFetch> = Arc::new(wire::Fetcher::new(link.clone()));
     let fetch: Arc<dyn PageFetch> = match &copied {
         Some(p) => Arc::new(StoreFirst {
@@ -311,7 +318,7 @@ fn rebuild(
         }),
         None => remote,
     };
-    let lazy = LazyConfig { fetch, preload };
+    let lazy = stream.is_none().then_some(LazyConfig { fetch });
     let ev2 = ev.clone();
     let pre2 = Arc::clone(&preloaded);
     let hold = move |pid: i32| -> Result<(), String> {
@@ -335,7 +342,8 @@ fn rebuild(
             .unwrap_or_else(|_| Err("the source went away".into()))
     };
     let extras = Extras {
-        lazy: Some(lazy),
+        lazy,
+        stream,
         before_resume: Some(Box::new(hold)),
         relay_stdin: pipe
             .as_ref()

@@ -83,7 +83,10 @@ impl Remote {
                 source,
             }
         };
-        let mut saved = vec![0u8; SCRATCH];
+        // A call that neither reads nor writes the scratch area leaves it
+        // alone.
+        let borrows = !input.is_empty() || out_len > 0;
+        let mut saved = vec![0u8; if borrows { SCRATCH } else { 0 }];
         self.mem
             .read(self.scratch, &mut saved)
             .map_err(io("save scratch bytes"))?;
@@ -108,7 +111,7 @@ impl Remote {
                 }
             }
         }
-        if res.is_ok() {
+        if res.is_ok() && !out.is_empty() {
             res = self
                 .mem
                 .read(self.scratch, &mut out)
@@ -127,6 +130,11 @@ impl Remote {
     /// The process.
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// Where the scratch area is (for arguments that point into it).
+    pub fn scratch(&self) -> u64 {
+        self.scratch
     }
 
     /// Reads `len` bytes of the process at `addr`.

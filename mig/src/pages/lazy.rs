@@ -74,16 +74,10 @@ pub trait PageFetch: Send + Sync {
     fn fetch(&self, addr: u64, len: usize) -> Result<Vec<u8>, String>;
 }
 
-/// Installs pages before the process runs (stop-and-copy, pre-copy).
-pub type Preload = Box<dyn FnOnce(&LazyPages) -> Result<(), String> + Send>;
-
 /// How to restore lazily.
 pub struct LazyConfig {
     /// Source of missing pages.
     pub fetch: Arc<dyn PageFetch>,
-    /// Run after registration and handler start, before the process's
-    /// threads run.
-    pub preload: Option<Preload>,
 }
 
 /// Counters of a lazy restore.
@@ -143,9 +137,8 @@ fn restore_sys(what: String) -> impl FnOnce(Errno) -> RestoreError {
     move |errno| RestoreError::new(Step::WriteMemory, RestoreCause::Sys { what, errno })
 }
 
-/// Registers the image's lazy ranges in the stub `t`, starts the fault
-/// handler and runs the preload. With no lazy ranges, only the preload
-/// runs (its installs do nothing).
+/// Registers the image's lazy ranges in the stub `t` and starts the fault
+/// handler (with no lazy ranges: nothing; installs do nothing).
 pub fn start<T: Target>(
     t: &mut T,
     img: &Image,
@@ -173,14 +166,6 @@ pub fn start<T: Target>(
             handler_tid: tid_rx.recv_timeout(Duration::from_secs(1)).ok(),
         });
         tracing::debug!(pid = t.pid(), ranges = lazy.len(), "lazy memory registered");
-    }
-    if let Some(pre) = cfg.preload {
-        pre(&lp).map_err(|why| {
-            RestoreError::new(
-                Step::WriteMemory,
-                RestoreCause::Refused(format!("preload: {why}")),
-            )
-        })?;
     }
     Ok(lp)
 }

@@ -4,7 +4,9 @@
 //! - which ranges an image leaves out ("lazy": [`lazy_ranges`]);
 //! - [`source`]: the source's reader of a frozen process's memory;
 //! - [`lazy`]: the target's userfaultfd handler that fills the lazy ranges
-//!   on first touch, by a push, or before the process runs (preload);
+//!   on first touch or by a push;
+//! - [`inside`]: the source's sends from inside the frozen process (one
+//!   copy per byte);
 //! - [`dirty`]: dirty-page tracking of a running process for pre-copy;
 //! - [`ranges`]: the address-range arithmetic they share;
 //! - [`rounds`]: when pre-copy rounds stop;
@@ -17,6 +19,7 @@ pub mod dirty;
 mod fill;
 pub mod frame;
 pub mod image;
+pub mod inside;
 pub mod lazy;
 pub mod ranges;
 pub mod rounds;
@@ -27,7 +30,7 @@ pub mod wire;
 use migfs_proto::image::{Image, VmaKind};
 
 pub use dirty::Tracker;
-pub use lazy::{LazyConfig, LazyPages, LazyStats, PageFetch, Preload};
+pub use lazy::{LazyConfig, LazyPages, LazyStats, PageFetch};
 pub use source::PageSource;
 pub use store::Store;
 

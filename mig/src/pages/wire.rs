@@ -61,6 +61,14 @@ pub trait Origin: Send + Sync {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), String>;
     /// The runs of pages that hold data, in address order.
     fn present(&self) -> Result<Vec<(u64, u64)>, String>;
+    /// Sends `chunks` as run frames on `s` by some faster way than
+    /// [`Origin::read`] (from inside the process, [`super::inside`]), if
+    /// it has one: `None` when it has not and nothing was sent; else the
+    /// page bytes sent (an error leaves `s` unusable).
+    fn send_runs(&self, s: &mut TcpStream, chunks: &[(u64, u64)]) -> Option<io::Result<u64>> {
+        let _ = (s, chunks);
+        None
+    }
 }
 
 impl Origin for PageSource {
@@ -343,8 +351,22 @@ fn serve_pull(sh: &Shared, s: &mut TcpStream) -> io::Result<()> {
         Err(e) => return send_error(s, &format!("pagemap: {e}")),
     };
     let chunks = super::chunks(&runs, CHUNK as u64);
+    deep_buffers(s);
     let scan_ms = t.elapsed().as_secs_f64() * 1e3;
-    let (bytes, read_time) = push_runs(s, sh.origin.as_ref(), &chunks, &sh.served)?;
+    let (bytes, read_time) = match sh.origin.send_runs(s, &chunks) {
+        Some(sent) => {
+            let bytes = sent?;
+            sh.served.fetch_add(bytes, Ordering::Relaxed);
+            let end = Frame {
+                kind: FrameKind::End,
+                len: 0,
+                addr: bytes,
+            };
+            s.write_all(&end.encode())?;
+            (bytes, Duration::ZERO)
+        }
+        None => push_runs(s, sh.origin.as_ref(), &chunks, &sh.served)?,
+    };
     tracing::debug!(
         move_id = sh.move_id,
         mib = bytes >> 20,
@@ -448,6 +470,23 @@ fn send_chunks(
     };
     s.write_all(&end.encode())?;
     Ok(sent)
+}
+
+/// Socket buffers of a bulk connection, each way: several frames, so that
+/// neither end waits for the other while it does something else between
+/// two runs (the target allocating the next run's pages).
+const BULK_BUFFER: usize = 32 << 20;
+
+/// Gives a bulk connection [`BULK_BUFFER`]-byte socket buffers (beyond
+/// `net.core.*mem_max` when privileged; else what the kernel allows).
+fn deep_buffers(s: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(s, sockopt::SndBufForce, &BULK_BUFFER).is_err() {
+        let _ = setsockopt(s, sockopt::SndBuf, &BULK_BUFFER);
+    }
+    if setsockopt(s, sockopt::RcvBufForce, &BULK_BUFFER).is_err() {
+        let _ = setsockopt(s, sockopt::RcvBuf, &BULK_BUFFER);
+    }
 }
 
 /// Where a move's pages are served, as its target knows it.
@@ -747,36 +786,96 @@ fn receive_runs(
     full: mpsc::SyncSender<Run>,
     empty: mpsc::Receiver<Vec<u8>>,
 ) -> Result<u64, String> {
-    let mut bytes = 0u64;
-    loop {
+    let mut runs = Runs::new(a);
+    while let Some((addr, len)) = runs.next(s)? {
+        // No buffer back: the installer stopped (it says why).
+        let mut buf = empty.recv().map_err(|_| "the installer stopped")?;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        s.read_exact(&mut buf[..len]).map_err(|e| io_words(a, &e))?;
+        full.send(Run { buf, addr, len })
+            .map_err(|_| "the installer stopped")?;
+    }
+    Ok(runs.bytes)
+}
+
+/// The frames of a pull or push as they arrive: each run's header, whose
+/// bytes the caller then reads from the connection itself.
+struct Runs {
+    a: SocketAddr,
+    bytes: u64,
+}
+
+impl Runs {
+    fn new(a: SocketAddr) -> Runs {
+        Runs { a, bytes: 0 }
+    }
+
+    /// The next run's address and length (its bytes follow on `s`), or
+    /// `None` at an end frame that matches what arrived.
+    fn next(&mut self, s: &mut TcpStream) -> Result<Option<(u64, usize)>, String> {
+        let a = self.a;
         let mut h = [0u8; HEADER_LEN];
         s.read_exact(&mut h).map_err(|e| io_words(a, &e))?;
         let f = Frame::decode(&h).map_err(|e| format!("page server at {a}: {e}"))?;
         match f.kind {
             FrameKind::Run => {
-                // No buffer back: the installer stopped (it says why).
-                let mut buf = empty.recv().map_err(|_| "the installer stopped")?;
-                let len = f.len as usize;
-                if buf.len() < len {
-                    buf.resize(len, 0);
-                }
-                s.read_exact(&mut buf[..len]).map_err(|e| io_words(a, &e))?;
-                bytes += u64::from(f.len);
-                full.send(Run {
-                    buf,
-                    addr: f.addr,
-                    len,
-                })
-                .map_err(|_| "the installer stopped")?;
+                self.bytes += u64::from(f.len);
+                Ok(Some((f.addr, f.len as usize)))
             }
-            FrameKind::End if f.addr == bytes => return Ok(bytes),
-            FrameKind::End => {
-                return Err(format!(
-                    "page server at {a}: sent {} bytes, {bytes} arrived",
-                    f.addr
-                ));
-            }
-            FrameKind::Error => return Err(error_text(s, f.len, a)),
+            FrameKind::End if f.addr == self.bytes => Ok(None),
+            FrameKind::End => Err(format!(
+                "page server at {a}: sent {} bytes, {} arrived",
+                f.addr, self.bytes
+            )),
+            FrameKind::Error => Err(error_text(s, f.len, a)),
         }
+    }
+}
+
+/// A pull whose runs the caller reads off the connection itself (a stub
+/// that receives its pages straight into place,
+/// [`crate::restore::stream`]).
+pub struct Incoming {
+    s: TcpStream,
+    runs: Runs,
+}
+
+impl Incoming {
+    /// Asks `link` for every present page of the original (those inside
+    /// `only` unless it is empty).
+    pub fn pull(link: &Link, only: &[(u64, u64)]) -> Result<Incoming, String> {
+        let mut s = link.connect(Kind::Bulk)?;
+        deep_buffers(&s);
+        s.write_all(&frame::pull(only))
+            .map_err(|e| io_words(link.addr, &e))?;
+        Ok(Incoming {
+            s,
+            runs: Runs::new(link.addr),
+        })
+    }
+
+    /// The connection: a run's bytes are read from it (by anyone holding
+    /// the same open socket) before the next call of [`Incoming::next_run`].
+    pub fn socket(&self) -> &TcpStream {
+        &self.s
+    }
+
+    /// Where the pages come from.
+    pub fn peer(&self) -> SocketAddr {
+        self.runs.a
+    }
+
+    /// The next run's address and length, or `None` at the end (checked
+    /// against the bytes announced so far). An error frame of the source
+    /// is returned as its text.
+    pub fn next_run(&mut self) -> Result<Option<(u64, usize)>, String> {
+        self.runs.next(&mut self.s)
+    }
+
+    /// The page bytes announced so far.
+    pub fn bytes(&self) -> u64 {
+        self.runs.bytes
     }
 }

@@ -212,6 +212,29 @@ pub enum Call<'a> {
     },
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
     NoNewPrivs,
+    /// `pidfd_open(pid, 0)`.
+    PidfdOpen {
+        /// Process.
+        pid: i32,
+    },
+    /// `pidfd_getfd(pidfd, fd, 0)`: a copy of descriptor `fd` of the
+    /// process `pidfd` names.
+    PidfdGetfd {
+        /// The other process.
+        pidfd: i32,
+        /// Its descriptor.
+        fd: i32,
+    },
+    /// `recvfrom(fd, addr, len, MSG_WAITALL, NULL, NULL)`: socket bytes
+    /// straight into the process's memory.
+    Recv {
+        /// Socket.
+        fd: i32,
+        /// Where.
+        addr: u64,
+        /// How many.
+        len: u64,
+    },
     /// `userfaultfd(flags)`.
     Userfaultfd {
         /// O_CLOEXEC | O_NONBLOCK.

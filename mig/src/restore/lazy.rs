@@ -83,7 +83,6 @@ pub fn restore_lazy(
     let extras = Extras {
         lazy: Some(LazyConfig {
             fetch: Arc::clone(&src) as Arc<dyn crate::pages::PageFetch>,
-            preload: None,
         }),
         ..extras
     };

@@ -13,6 +13,8 @@
 //! - [`mm`], [`files`], [`state`]: the steps.
 //! - [`lazy`]: `migfs restore --lazy`: the process runs before its
 //!   private anonymous memory is in.
+//! - [`stream`]: an eager move's anonymous memory, received by the stub
+//!   straight into place.
 
 #[cfg(test)]
 pub mod fake;
@@ -22,6 +24,7 @@ pub mod lazy;
 pub mod mm;
 pub mod pin;
 pub mod state;
+pub mod stream;
 pub mod stub;
 
 use std::path::Path;
@@ -51,6 +54,9 @@ pub type BeforeResume = Box<dyn FnOnce(i32) -> Result<(), String> + Send>;
 pub struct Extras {
     /// Leave the image's lazy ranges to a userfaultfd handler.
     pub lazy: Option<crate::pages::LazyConfig>,
+    /// Or have the stub receive them, before anything else runs in it
+    /// (an eager move, [`stream`]).
+    pub stream: Option<stream::StreamFill>,
     /// Hold the rebuilt process until this says go.
     pub before_resume: Option<BeforeResume>,
     /// A path the process opens (read-only) for its relay-pipe
@@ -203,8 +209,12 @@ pub fn rebuild<T: Target>(
     steps.mark("vdso");
     mm::map_memory(t, img, r)?;
     steps.mark("map");
-    let bytes = mm::write_memory(t, img, pages)?;
+    let mut bytes = mm::write_memory(t, img, pages)?;
     steps.mark("write");
+    if let Some(s) = extras.stream.take() {
+        bytes += stream::fill(t, img, s)?;
+        steps.mark("stream");
+    }
     // The kernel may touch lazy memory in any later step: handle faults now.
     let lazy = match extras.lazy.take() {
         Some(cfg) => Some(crate::pages::lazy::start(t, img, cfg)?),
@@ -313,7 +323,7 @@ impl std::fmt::Display for Steps {
 /// page source.
 fn check_lazy(img: &Image, extras: &Extras) -> Result<(), RestoreError> {
     let lazy = crate::pages::lazy_ranges(img);
-    if extras.lazy.is_none() && !lazy.is_empty() {
+    if extras.lazy.is_none() && extras.stream.is_none() && !lazy.is_empty() {
         let bytes = crate::pages::ranges::total(&lazy);
         return Err(refused(
             Step::ReadImage,

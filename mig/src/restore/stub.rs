@@ -419,6 +419,17 @@ fn encode(call: &Call<'_>, s: u64) -> (i64, [u64; 6], Vec<u8>) {
             [persona.into(), 0, 0, 0, 0, 0],
             vec![],
         ),
+        Call::PidfdOpen { pid } => (libc::SYS_pidfd_open, [sx(pid), 0, 0, 0, 0, 0], vec![]),
+        Call::PidfdGetfd { pidfd, fd } => (
+            libc::SYS_pidfd_getfd,
+            [sx(pidfd), sx(fd), 0, 0, 0, 0],
+            vec![],
+        ),
+        Call::Recv { fd, addr, len } => (
+            libc::SYS_recvfrom,
+            [sx(fd), addr, len, sx(libc::MSG_WAITALL), 0, 0],
+            vec![],
+        ),
         Call::Userfaultfd { flags } => {
             (libc::SYS_userfaultfd, [flags.into(), 0, 0, 0, 0, 0], vec![])
         }
