@@ -477,6 +477,7 @@ impl Move {
                     end_original(&mut report);
                 }
                 let drained = self.wait_drained(DRAIN_TIMEOUT);
+                self.stop_hearing();
                 let served = self.inner.sources.lock().remove(&self.move_id);
                 let served = served.map(|s| s.close());
                 if !complete {
@@ -504,6 +505,7 @@ impl Move {
                 Ok(report)
             }
             Err(e) => {
+                self.stop_hearing();
                 let served = self.inner.sources.lock().remove(&self.move_id);
                 if let Some(s) = served {
                     s.close();
@@ -724,6 +726,13 @@ impl Move {
             crate::pages::inside::Sent::Done(r) => Some(r),
         };
         let _ = done.send(answer);
+    }
+
+    /// Hears nothing more: a push still queued is dropped, so the page
+    /// server's thread waiting for it goes on (and can be joined when the
+    /// page server closes).
+    fn stop_hearing(&mut self) {
+        self.heard = None;
     }
 
     /// The next thing heard within `limit`, or `None` (nothing more can
