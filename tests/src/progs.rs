@@ -10,18 +10,44 @@ use std::time::{Duration, Instant};
 
 use crate::harness::output_text;
 
+/// A directory for the programs this test process builds,
+/// `/tmp/<prefix>-<pid>` (world-readable: some tests run them as another
+/// user). A static is never dropped, so it cannot remove its directory
+/// when the process ends; instead the first call removes those of
+/// processes that are gone.
+pub fn progs_dir(prefix: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix('-'))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("{prefix}-{}", std::process::id()));
+    // One left by an earlier process that had our PID holds old builds.
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("programs directory");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
 /// Builds `tests/progs/<name>.c` (`-static` when `static_`) once per test
 /// binary; returns the binary.
 pub fn prog(name: &str, static_: bool) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let dir = DIR.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("migfs-test-progs-")
-            .tempdir()
-            .expect("temp dir")
-    });
-    let out = dir.path().join(if static_ {
+    let dir = DIR.get_or_init(|| progs_dir("migfs-test-progs"));
+    let out = dir.join(if static_ {
         format!("{name}-static")
     } else {
         name.to_owned()

@@ -1556,9 +1556,9 @@ fn corrupt_pages_under_lazy_restore_fail_before_resume_or_kill_the_process() {
 
 /// A program built with `-nostdlib -static -no-pie` (see ckpt_noanon.c).
 fn prog_nostdlib(name: &str) -> PathBuf {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-    let out = dir.path().join(name);
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| migfs_e2e::progs::progs_dir("migfs-test-nostdlib"));
+    let out = dir.join(name);
     if !out.exists() {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("progs")
