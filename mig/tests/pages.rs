@@ -590,11 +590,11 @@ type Handed = (
 
 impl Origin for Handing {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.source.read(addr, buf).map_err(|e| e.to_string())
+        Origin::read(self.source.as_ref(), addr, buf)
     }
 
     fn present(&self) -> Result<Vec<(u64, u64)>, String> {
-        self.source.present().map_err(|e| e.to_string())
+        Origin::present(self.source.as_ref())
     }
 
     fn send_runs(

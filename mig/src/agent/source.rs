@@ -75,11 +75,11 @@ struct Original {
 
 impl Origin for Original {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.pages.read(addr, buf).map_err(|e| e.to_string())
+        Origin::read(self.pages.as_ref(), addr, buf)
     }
 
     fn present(&self) -> Result<Vec<(u64, u64)>, String> {
-        self.pages.present().map_err(|e| e.to_string())
+        Origin::present(self.pages.as_ref())
     }
 
     fn send_runs(

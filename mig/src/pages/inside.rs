@@ -27,6 +27,7 @@ use nix::unistd::Pid;
 
 use super::frame::{Frame, FrameKind};
 use crate::capture::remote::Remote;
+use crate::sys::abi::sx;
 use crate::sys::procfs;
 
 /// What [`send_runs`] did.
@@ -75,17 +76,12 @@ fn close(remote: &Remote, fd: i32) -> Result<(), String> {
         .call(
             remote.pid(),
             libc::SYS_close,
-            |_| [reg(fd), 0, 0, 0, 0, 0],
+            |_| [sx(fd), 0, 0, 0, 0, 0],
             &[],
             0,
         )
         .map_err(|e| e.to_string())?;
     r.map(|_| ()).map_err(|e| e.to_string())
-}
-
-/// A signed argument as the register value the kernel reads.
-fn reg(v: i32) -> u64 {
-    i64::from(v).cast_unsigned()
 }
 
 /// Puts a copy of `s` into the process; returns its number there.
@@ -125,7 +121,7 @@ fn give_socket(remote: &Remote, s: &TcpStream) -> Result<i32, String> {
         sa.extend_from_slice(name.as_bytes());
         call(
             libc::SYS_connect,
-            [reg(ufd), scratch, sa.len() as u64, 0, 0, 0],
+            [sx(ufd), scratch, sa.len() as u64, 0, 0, 0],
             &sa,
             0,
         )
@@ -152,7 +148,7 @@ fn give_socket(remote: &Remote, s: &TcpStream) -> Result<i32, String> {
         let (input, cmsg_at) = recvmsg_args(scratch);
         let (_, out) = call(
             libc::SYS_recvmsg,
-            [reg(ufd), scratch, reg(libc::MSG_CMSG_CLOEXEC), 0, 0, 0],
+            [sx(ufd), scratch, sx(libc::MSG_CMSG_CLOEXEC), 0, 0, 0],
             &input,
             input.len(),
         )
@@ -224,10 +220,10 @@ fn send_all(remote: &Remote, s: &mut TcpStream, fd: i32, chunks: &[(u64, u64)]) 
                     libc::SYS_sendto,
                     |_| {
                         [
-                            reg(fd),
+                            sx(fd),
                             addr + done,
                             len - done,
-                            reg(libc::MSG_NOSIGNAL),
+                            sx(libc::MSG_NOSIGNAL),
                             0,
                             0,
                         ]

@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 
 use super::inject::{Call, CallError, Target, ThreadState};
 use crate::error::{RestoreCause, RestoreError, Step};
-use crate::sys::abi::{self, reg};
+use crate::sys::abi::{self, reg, sx};
 use crate::sys::{clone3, inject, mem, procfs, ptrace, vdso};
 
 /// Scratch pages after the code page.
@@ -257,11 +257,6 @@ pub fn pick_free(taken: &[(u64, u64)], len: u64, min: u64) -> Option<u64> {
         at = at.max(e);
     }
     (at + len <= crate::image::format::TASK_SIZE).then_some(at)
-}
-
-/// A signed argument as the register value the kernel reads.
-fn sx(v: i32) -> u64 {
-    i64::from(v).cast_unsigned()
 }
 
 /// A call as (number, arguments, bytes to put at the scratch address).

@@ -3,6 +3,12 @@
 //! Everything here is copied from the kernel's uapi headers by value; the
 //! comment names the header.
 
+/// A signed system-call argument as the register value the kernel reads
+/// (sign-extended to 64 bits).
+pub fn sx(v: i32) -> u64 {
+    i64::from(v).cast_unsigned()
+}
+
 /// `linux/elf.h`: the xsave register set of `PTRACE_GETREGSET`.
 pub const NT_X86_XSTATE: usize = 0x202;
 /// `linux/ptrace.h`.
