@@ -379,6 +379,16 @@ impl Filesystem for MigFs {
         }
         match self.run(ops::open(&self.sh, ino.0)) {
             Ok((fh, keep)) => {
+                // Close-to-open: the kernel may still hold attributes from
+                // before another node's last close (the pushed
+                // invalidation travels on its own and may come later), and
+                // it reads no further than the size it holds. Drop them
+                // (attributes only: no page is touched), so the next read
+                // past that size or stat asks again; the answer is in the
+                // cache that `open` just filled.
+                if let Some(n) = self.sh.notifier.get() {
+                    let _ = n.inval_inode(ino, -1, 0);
+                }
                 let f = if keep {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {
