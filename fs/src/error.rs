@@ -42,6 +42,15 @@ pub enum FsError {
     /// A request the client refuses before sending it.
     #[error("{0}")]
     Invalid(String),
+    /// Written data that this node could not store or replicate: the
+    /// writes had succeeded, the bytes are gone.
+    #[error("written data was lost: {message} (errno {errno})")]
+    Lost {
+        /// The errno of the failure (ENOSPC for a full data disk).
+        errno: i32,
+        /// What failed.
+        message: String,
+    },
     /// A local errno decided by the client itself.
     #[error("{op}: errno {errno}")]
     Local {
@@ -64,7 +73,9 @@ impl FsError {
     /// The errno a FUSE reply carries for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            FsError::Errno { errno, .. } | FsError::Local { errno, .. } => *errno,
+            FsError::Errno { errno, .. }
+            | FsError::Local { errno, .. }
+            | FsError::Lost { errno, .. } => *errno,
             FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Meta { .. } | FsError::Block { .. } => libc::EIO,

@@ -248,12 +248,21 @@ fn full_data_disk_gives_enospc_and_corrupts_nothing() {
     );
     // Rewrites of one file while the disk is full of garbage not yet
     // collected: some fail with ENOSPC, and every one that reports success
-    // reads back whole, on both nodes.
+    // reads back whole, on both nodes. Every fourth round, before fsync,
+    // a child is started (its exec closes a copy of the descriptor, which
+    // flushes) and the node's periodic publisher is given time to run: an
+    // upload error either of them meets must still reach this fsync.
     let mut ok = 0;
     for round in 0..40u32 {
         let data = noise(2_000_000, &mut x);
-        let res = fs::File::create(c.path("n1", "again"))
-            .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()));
+        let res = fs::File::create(c.path("n1", "again")).and_then(|mut f| {
+            f.write_all(&data)?;
+            if round % 4 == 3 {
+                std::process::Command::new("true").status()?;
+                std::thread::sleep(Duration::from_millis(1700));
+            }
+            f.sync_all()
+        });
         match res {
             Ok(()) => {
                 ok += 1;

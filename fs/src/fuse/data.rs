@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -54,8 +55,13 @@ pub struct DataState {
     /// The size when the last write was handed to upload with nothing
     /// left dirty: the end that the uploaded blocks cover.
     taken_size: u64,
-    /// An upload error to report on the next write/flush.
-    error: Option<FsError>,
+    /// Uploads that failed so far (each handle reports those it has not
+    /// reported yet), and the errno and message of the last one.
+    errors: u64,
+    last_error: Option<(i32, String)>,
+    /// A failed upload that no flush has dealt with yet: the next one
+    /// publishes what did arrive, not the grown size.
+    unhandled: bool,
     map: HashMap<u64, BlockRef>,
     windows: HashSet<u64>,
     /// The data version the cached map belongs to (0 after an invalidation).
@@ -80,6 +86,53 @@ pub struct FileData {
     pub st: Mutex<DataState>,
     uploaded: Notify,
     commit_lock: tokio::sync::Mutex<()>,
+}
+
+/// One open of an inode on this node (a kernel file handle, shared by
+/// every process the open file description was passed to). Upload errors
+/// are the inode's; each handle reports each one once to a write or close
+/// and once to an fsync, like the kernel's per-file writeback errors, so a
+/// close in a child (close-on-exec) or a flush by the node itself cannot
+/// take an error away from the fsync of the process that wrote.
+#[derive(Debug)]
+pub struct Handle {
+    /// The inode's data.
+    pub data: Arc<FileData>,
+    told: AtomicU64,
+    synced: AtomicU64,
+}
+
+impl Handle {
+    /// A handle that reports the upload errors from now on.
+    pub fn new(data: Arc<FileData>) -> Handle {
+        let seen = data.st.lock().errors;
+        Handle {
+            data,
+            told: AtomicU64::new(seen),
+            synced: AtomicU64::new(seen),
+        }
+    }
+
+    /// For a write or close: the last upload error this handle's writes
+    /// and closes have not reported yet.
+    pub fn unreported(&self) -> Result<()> {
+        self.report(&self.told)
+    }
+
+    /// For an fsync: the last upload error no fsync of this handle has
+    /// reported yet.
+    pub fn unsynced(&self) -> Result<()> {
+        self.report(&self.synced)
+    }
+
+    fn report(&self, seen: &AtomicU64) -> Result<()> {
+        let st = self.data.st.lock();
+        if seen.swap(st.errors, Ordering::Relaxed) >= st.errors {
+            return Ok(());
+        }
+        let (errno, message) = st.last_error.clone().unwrap_or((libc::EIO, String::new()));
+        Err(FsError::Lost { errno, message })
+    }
 }
 
 /// What the data path needs from the node (cheap to clone: handles only).
@@ -116,10 +169,24 @@ impl FileData {
         }
     }
 
-    /// Whether anything written here is not yet published.
+    /// Whether anything written here is not yet published, or a failed
+    /// upload not yet dealt with.
     pub fn is_dirty(&self) -> bool {
         let st = self.st.lock();
-        !st.dirty.is_empty() || !st.pending.is_empty() || st.in_flight > 0 || st.grown
+        !st.dirty.is_empty()
+            || !st.pending.is_empty()
+            || st.in_flight > 0
+            || st.grown
+            || st.unhandled
+    }
+
+    /// After a commit: with nothing left to publish, the periodic
+    /// publisher has nothing to do here.
+    fn settled(&self) {
+        let mut st = self.st.lock();
+        if st.dirty.is_empty() && st.pending.is_empty() && st.in_flight == 0 && !st.grown {
+            st.dirty_since = None;
+        }
     }
 
     /// Drops the cached block map if the server's data version moved on
@@ -178,10 +245,9 @@ impl DataCtx {
     }
 
     /// Writes `data` at `offset`; returns the bytes taken.
-    pub async fn write(&self, fd: &Arc<FileData>, offset: u64, data: &[u8]) -> Result<u32> {
-        if let Some(e) = fd.st.lock().error.take() {
-            return Err(e);
-        }
+    pub async fn write(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<u32> {
+        h.unreported()?;
+        let fd = &h.data;
         let bs = self.block_size;
         let end = offset
             .checked_add(data.len() as u64)
@@ -312,21 +378,25 @@ impl DataCtx {
                     }
                     Err(e) => {
                         tracing::error!(ino = fd.ino, error = %e, "block upload failed");
-                        st.error.get_or_insert(e);
+                        st.errors += 1;
+                        st.last_error = Some((e.errno(), e.to_string()));
+                        st.unhandled = true;
                     }
                 }
                 st.pending.len() >= COMMIT_BATCH
             };
             fd.uploaded.notify_waiters();
             if commit_now && let Err(e) = ctx.commit(&fd).await {
+                // The batch is back in `pending`: the next flush retries.
                 tracing::warn!(ino = fd.ino, error = %e, "background commit failed");
-                fd.st.lock().error.get_or_insert(e);
             }
         });
     }
 
     /// Uploads every dirty block, waits for all uploads and commits: after
-    /// this returns Ok, other nodes that open the file see the data.
+    /// this returns Ok, other nodes that open the file see the data. It
+    /// fails when the commit does or when it finds an upload that failed
+    /// (which handles report on their own: `Handle::unreported`).
     pub async fn flush(&self, fd: &Arc<FileData>) -> Result<()> {
         let rest = {
             let mut st = fd.st.lock();
@@ -350,14 +420,14 @@ impl DataCtx {
         // bytes were.
         let failed = {
             let mut st = fd.st.lock();
-            let failed = st.error.is_some();
+            let failed = std::mem::take(&mut st.unhandled);
             if failed {
                 st.grown = false;
             }
-            failed
+            failed.then(|| st.last_error.clone())
         };
         let committed = self.commit(fd).await;
-        if failed {
+        if failed.is_some() {
             // This node's idea of the size goes back to what was published.
             let ino = fd.ino;
             let attr = self
@@ -371,10 +441,14 @@ impl DataCtx {
                 self.cache.put_attr(&a);
             }
         }
-        let mut st = fd.st.lock();
-        match (st.error.take(), committed) {
-            (Some(e), _) | (None, Err(e)) => Err(e),
-            (None, Ok(())) => Ok(()),
+        committed?;
+        match failed {
+            Some(Some((errno, message))) => Err(FsError::Lost { errno, message }),
+            Some(None) => Err(FsError::Lost {
+                errno: libc::EIO,
+                message: String::new(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -395,6 +469,7 @@ impl DataCtx {
             (refs, size, grown)
         };
         if refs.is_empty() && !grown {
+            fd.settled();
             return Ok(());
         }
         let mut groups: BTreeMap<Vec<u64>, Vec<(u64, BlockRef)>> = BTreeMap::new();
@@ -455,10 +530,7 @@ impl DataCtx {
             st.size = st.size.max(attr.size);
             self.cache.put_attr(&attr);
         }
-        let mut st = fd.st.lock();
-        if st.dirty.is_empty() && st.pending.is_empty() && st.in_flight == 0 {
-            st.dirty_since = None;
-        }
+        fd.settled();
         Ok(())
     }
 

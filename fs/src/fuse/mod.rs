@@ -38,7 +38,7 @@ use parking_lot::Mutex;
 use crate::cache::MetaCache;
 use crate::error::{FsError, Result};
 use attr::to_file_attr;
-use data::{DataCtx, FileData};
+use data::{DataCtx, FileData, Handle};
 
 /// Kernel-facing cache lifetimes.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +58,7 @@ pub struct Shared {
     pub cache: Arc<MetaCache>,
     /// Inodes with open handles on this node.
     pub files: Mutex<HashMap<u64, Arc<FileData>>>,
-    handles: Mutex<HashMap<u64, Arc<FileData>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     /// Set once the session is mounted: pushes invalidations to the kernel.
     pub notifier: OnceLock<Notifier>,
@@ -112,7 +112,7 @@ impl Shared {
         a
     }
 
-    fn handle(&self, fh: FileHandle) -> Result<Arc<FileData>> {
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>> {
         self.handles
             .lock()
             .get(&fh.0)
@@ -133,7 +133,7 @@ impl Shared {
         let keep = fd.revalidate(attr);
         fd.st.lock().opens += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, fd);
+        self.handles.lock().insert(fh, Arc::new(Handle::new(fd)));
         (fh, keep)
     }
 }
@@ -420,8 +420,8 @@ impl Filesystem for MigFs {
             return reply.data(&text[start..end]);
         }
         let res = self.run(async {
-            let fd = self.sh.handle(fh)?;
-            self.sh.data.read(&fd, offset, size).await
+            let h = self.sh.handle(fh)?;
+            self.sh.data.read(&h.data, offset, size).await
         });
         match res {
             Ok(d) => reply.data(&d),
@@ -442,16 +442,16 @@ impl Filesystem for MigFs {
         reply: ReplyWrite,
     ) {
         let res = self.run(async {
-            let fd = self.sh.handle(fh)?;
+            let h = self.sh.handle(fh)?;
             // O_APPEND lands at the end as this node knows it (refreshed
             // at open from the server), not at the kernel's cached size,
             // which may predate another node's appends.
             let offset = if flags.0 & libc::O_APPEND != 0 {
-                offset.max(fd.st.lock().size)
+                offset.max(h.data.st.lock().size)
             } else {
                 offset
             };
-            self.sh.data.write(&fd, offset, data).await
+            self.sh.data.write(&h, offset, data).await
         });
         match res {
             Ok(n) => reply.written(n),

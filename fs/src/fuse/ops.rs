@@ -13,7 +13,7 @@ use migfs_proto::meta::{
 
 use super::Shared;
 use super::control;
-use super::data::FileData;
+use super::data::Handle;
 use super::lock;
 use crate::error::{FsError, Result};
 
@@ -569,28 +569,34 @@ pub async fn open(sh: &Shared, ino: u64) -> Result<(u64, bool)> {
 
 /// close(2): publishes what this handle's inode has written and drops the
 /// closing process's fcntl locks on the inode (POSIX: any close does).
+/// It reports an upload error this handle's writes and closes have not
+/// (fsync reports it again).
 pub async fn flush(sh: &Shared, ino: u64, fh: FileHandle, owner: u64) -> Result<()> {
-    let fd = sh.handle(fh)?;
-    let res = if fd.is_dirty() {
-        sh.data.flush(&fd).await
+    let h = sh.handle(fh)?;
+    let res = if h.data.is_dirty() {
+        sh.data.flush(&h.data).await
     } else {
         Ok(())
     };
     lock::drop_at_close(sh, ino, owner).await?;
-    res
+    let told = h.unreported();
+    match res {
+        Err(FsError::Lost { .. }) | Ok(()) => told,
+        Err(e) => Err(e),
+    }
 }
 
 /// The last close of a handle: publish, drop locks of its owner, end the open.
 pub async fn release(sh: &Shared, ino: u64, fh: FileHandle, owner: Option<u64>) -> Result<()> {
-    let fd = sh.handles.lock().remove(&fh.0);
-    let Some(fd) = fd else {
+    let h = sh.handles.lock().remove(&fh.0);
+    let Some(Handle { data: fd, .. }) = h.as_deref() else {
         return Err(FsError::Local {
             op: "release",
             errno: libc::EBADF,
         });
     };
     let res = if fd.is_dirty() {
-        sh.data.flush(&fd).await
+        sh.data.flush(fd).await
     } else {
         Ok(())
     };
@@ -602,7 +608,7 @@ pub async fn release(sh: &Shared, ino: u64, fh: FileHandle, owner: Option<u64>) 
     };
     if last && !fd.is_dirty() {
         let mut files = sh.files.lock();
-        if files.get(&ino).is_some_and(|f| Arc::ptr_eq(f, &fd)) {
+        if files.get(&ino).is_some_and(|f| Arc::ptr_eq(f, fd)) {
             files.remove(&ino);
         }
     }
@@ -611,14 +617,18 @@ pub async fn release(sh: &Shared, ino: u64, fh: FileHandle, owner: Option<u64>) 
 }
 
 /// fsync: publish the handle's data (all open files for a directory
-/// fsync), make the block store and the metadata durable.
+/// fsync), make the block store and the metadata durable. It fails if any
+/// upload of the inode failed since this handle's last fsync, whoever
+/// flushed since.
 pub async fn fsync(sh: &Shared, fh: Option<FileHandle>) -> Result<()> {
-    let fds: Vec<Arc<FileData>> = match fh {
-        Some(fh) => vec![sh.handle(fh)?],
-        None => Vec::new(),
-    };
-    for fd in &fds {
-        sh.data.flush(fd).await?;
+    if let Some(fh) = fh {
+        let h = sh.handle(fh)?;
+        let res = sh.data.flush(&h.data).await;
+        let synced = h.unsynced();
+        match res {
+            Err(FsError::Lost { .. }) | Ok(()) => synced?,
+            Err(e) => return Err(e),
+        }
     }
     if sh.data.fsync_blocks {
         let blocks = Arc::clone(&sh.data.blocks);
