@@ -120,6 +120,9 @@ fn process_level(
     }
 }
 
+/// `SCHED_RESET_ON_FORK`, or'ed into a policy.
+const SCHED_RESET_ON_FORK: i32 = 0x4000_0000;
+
 fn threads(pid: Pid, out: &mut Vec<String>) -> std::io::Result<()> {
     // The tracer may be any thread of ours (the agent freezes on a thread
     // of its own).
@@ -131,6 +134,12 @@ fn threads(pid: Pid, out: &mut Vec<String>) -> std::io::Result<()> {
         };
         if let Some(tracer) = st.get("TracerPid").filter(|t| t.as_str() != "0" && !me(t)) {
             out.push(format!("thread {tid} is ptraced by {tracer}"));
+        }
+        // Its runtime, deadline and period are not captured.
+        if crate::sys::task::sched(tid).is_ok_and(|s| s.policy & !SCHED_RESET_ON_FORK == 6) {
+            out.push(format!(
+                "thread {tid} runs under SCHED_DEADLINE, which is not supported"
+            ));
         }
         // Processes move one at a time: a child would stay behind and the
         // moved parent could no longer wait for it.

@@ -190,7 +190,7 @@ impl Frozen {
 
     fn detach_all(&mut self) {
         for t in self.threads.iter().rev() {
-            keep_sleeping(t.tid);
+            restart_in_place(t.tid);
             if let Err(e) = ptrace::detach(t.tid) {
                 tracing::warn!(tid = t.tid.as_raw(), error = %e, "detach failed");
             }
@@ -231,18 +231,19 @@ impl Drop for Frozen {
     }
 }
 
-/// A thread the freeze interrupted in a relative sleep goes on sleeping
-/// for the time left through the sleep call itself, not the kernel's
-/// `restart_syscall`: a thread frozen again later (a pre-copy's tracker
-/// start, then the move's freeze) would otherwise show `restart_syscall`,
-/// whose call no capture can name (see `capture::regs::sleep_restart`).
-fn keep_sleeping(tid: Pid) {
+/// A thread the freeze interrupted in a call the kernel would resume
+/// through `restart_syscall` (a relative sleep, poll, a futex wait with a
+/// timeout) makes the call again itself: a thread frozen again later (a
+/// pre-copy's tracker start, then the move's freeze) would otherwise show
+/// `restart_syscall`, whose call no capture can name (see
+/// `capture::regs::own_restart`).
+fn restart_in_place(tid: Pid) {
     let Ok(mut regs) = ptrace::getregs(tid) else {
         return;
     };
-    if crate::capture::regs::sleep_restart(&mut regs).is_some()
+    if crate::capture::regs::own_restart(&mut regs).is_some()
         && let Err(errno) = ptrace::setregs(tid, &regs)
     {
-        tracing::warn!(tid = tid.as_raw(), %errno, "could not restart a sleep for the time left");
+        tracing::warn!(tid = tid.as_raw(), %errno, "could not make an interrupted call restart itself");
     }
 }

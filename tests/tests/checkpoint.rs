@@ -838,6 +838,101 @@ fn threads_round_trip(static_: bool, ckpt_args: &[&str], restore_args: &[&str]) 
     );
 }
 
+/// Runs a util-linux tool; its stdout.
+fn tool(argv: &[&str]) -> String {
+    let o = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", argv[0]));
+    assert!(o.status.success(), "{argv:?}: {}", output_text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A thread's nice, policy (with reset-on-fork), priority and CPU mask.
+fn sched_of(pid: i32, tid: i32) -> String {
+    let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    // Fields after the ")" of comm: state is 3, nice is 19.
+    let nice = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .to_owned();
+    let t = tid.to_string();
+    format!(
+        "nice {nice}; {}; {}",
+        tool(&["chrt", "-p", &t]).replace('\n', "; "),
+        tool(&["taskset", "-p", &t]).trim_end()
+    )
+}
+
+/// Every thread keeps its own nice, scheduling policy (with
+/// SCHED_RESET_ON_FORK) and CPU mask.
+#[test]
+fn threads_keep_their_nice_policy_and_cpu_mask() {
+    if !require_ptrace() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("threads.txt");
+    let img = dir.path().join("img");
+    let bin = prog("ckpt_threads", false);
+    let mut p = Proc::start(&[bin.to_str().unwrap(), out.to_str().unwrap()]);
+    wait_lines_text(&out, 20);
+    let mut tids = crate_tids(p.pid);
+    assert!(tids.len() >= 5, "{tids:?}");
+    tids.truncate(5);
+    let last_cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    for (i, tid) in tids.iter().enumerate() {
+        let t = tid.to_string();
+        tool(&["renice", "-n", &(3 + i).to_string(), "-p", &t]);
+        match i {
+            1 => drop(tool(&["chrt", "-b", "-p", "0", &t])),
+            2 => drop(tool(&["chrt", "-R", "-i", "-p", "0", &t])),
+            _ => {}
+        }
+        if i % 2 == 1 {
+            tool(&["taskset", "-p", "-c", &last_cpu.to_string(), &t]);
+        }
+    }
+    let before: Vec<String> = tids.iter().map(|&t| sched_of(p.pid, t)).collect();
+    assert!(
+        before[2].contains("SCHED_IDLE|SCHED_RESET_ON_FORK"),
+        "{}",
+        before[2]
+    );
+    checkpoint(&p, &img, &[]);
+    p.reap_child();
+    let r = restore(&img, &[]);
+    assert_eq!(r.pid, p.pid, "the PID is free again: it is kept");
+    let after: Vec<String> = tids.iter().map(|&t| sched_of(r.pid, t)).collect();
+    assert_eq!(before, after);
+    // A deadline thread's parameters are not captured: refused up front.
+    let t = tids[0].to_string();
+    tool(&[
+        "chrt",
+        "-d",
+        "--sched-runtime",
+        "1000000",
+        "--sched-deadline",
+        "50000000",
+        "--sched-period",
+        "50000000",
+        "-p",
+        "0",
+        &t,
+    ]);
+    let o = migfs(&["checkpoint", "--check", &r.pid.to_string()]);
+    assert!(
+        !o.status.success()
+            && output_text(&o).contains(&format!("thread {t} runs under SCHED_DEADLINE")),
+        "{}",
+        output_text(&o)
+    );
+}
+
 fn crate_tids(pid: i32) -> Vec<i32> {
     let mut v: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| {

@@ -9,6 +9,7 @@
 
 use std::fs;
 use std::process::Output;
+use std::time::Instant;
 
 use migfs_e2e::harness::{Cluster, migfs_bin, output_text, require_priv};
 use migfs_e2e::progs::{
@@ -835,27 +836,28 @@ fn python3_program_moves_in_every_mode() {
     );
 }
 
-/// A nanosleep the process is inside of through 8 moves ends normally
-/// (not EINTR), after at least the time it asked for. (A pre-copy's
-/// tracker start freezes and thaws the process once more; the kernel's
-/// own restart of the sleep went through `restart_syscall`, which the
-/// move's freeze then captured and the target could only answer with
-/// EINTR: a thaw now restarts the sleep itself for the time left.)
-#[test]
-fn blocked_nanosleep_moves_in_every_mode() {
-    let Some(c) = cluster() else { return };
+/// Starts `ckpt_blocking` in `call` for 5 s on n1, moves it there and
+/// back in every mode while it is inside the call, and returns how the
+/// call ended: the elapsed ms of "rc=0 errno=0 elapsed_ms=..." (it must
+/// not end early, nor with EINTR), and how long the moves took.
+fn blocked_call_through_every_mode(call: &str) -> (u64, u64) {
+    let Some(c) = cluster() else {
+        return (5000, 0);
+    };
     let bin = prog("ckpt_blocking", false);
+    let file = format!("{call}.txt");
     let pid = start_on(
         &c,
         "n1",
         &[
             bin.to_str().unwrap(),
-            "/migfs/sleep.txt",
-            "nanosleep",
+            &format!("/migfs/{file}"),
+            call,
             "5000",
         ],
     );
-    assert!(within(10_000, || line_count(&c, "n1", "sleep.txt") >= 1));
+    assert!(within(10_000, || line_count(&c, "n1", &file) >= 1));
+    let t0 = Instant::now();
     let mut what = pid.to_string();
     let mut pid = pid;
     for mode in MODES {
@@ -865,22 +867,46 @@ fn blocked_nanosleep_moves_in_every_mode() {
         pid = pid_of(&r);
         what = format!("t{task}");
     }
-    let early = fs::read_to_string(c.path("n1", "sleep.txt")).unwrap_or_default();
-    assert!(!early.contains("rc="), "woke up early: {early}");
+    let moves = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let early = fs::read_to_string(c.path("n1", &file)).unwrap_or_default();
+    assert!(!early.contains("rc="), "{call} ended early: {early}");
     assert!(
-        within(60_000, || last_line(&c, "sleep.txt").starts_with("rc=")),
-        "nanosleep never returned"
+        within(60_000, || last_line(&c, &file).starts_with("rc=")),
+        "{call} never returned"
     );
-    let line = last_line(&c, "sleep.txt");
-    assert!(line.starts_with("rc=0 errno=0 "), "{line}");
+    let line = last_line(&c, &file);
+    assert!(line.starts_with("rc=0 errno=0 "), "{call}: {line}");
     let ms: u64 = line
         .rsplit("elapsed_ms=")
         .next()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    assert!(
-        (5000..15_000).contains(&ms),
-        "slept {ms} ms of 5000: {line}"
-    );
     c.exec_ok("n1", &["kill", "-9", &pid.to_string()]);
+    (ms, moves)
+}
+
+/// A nanosleep the process is inside of through 8 moves ends normally
+/// (not EINTR), after at least the time it asked for and not much more.
+/// (A pre-copy's tracker start freezes and thaws the process once more;
+/// the kernel's own restart of the sleep went through `restart_syscall`,
+/// which the move's freeze then captured and the target could only
+/// answer with EINTR: a thaw now restarts the sleep itself for the time
+/// left.)
+#[test]
+fn blocked_nanosleep_moves_in_every_mode() {
+    let (ms, _) = blocked_call_through_every_mode("nanosleep");
+    assert!((5000..15_000).contains(&ms), "slept {ms} ms of 5000");
+}
+
+/// A poll with a timeout the process is inside of through 8 moves times
+/// out normally (rc 0, not EINTR). The kernel keeps a poll's deadline
+/// where no tracer can read it, so every thaw and restore starts the
+/// timeout again in full: it ends at least 5 s after the last move.
+#[test]
+fn blocked_poll_moves_in_every_mode() {
+    let (ms, moves) = blocked_call_through_every_mode("poll");
+    assert!(
+        ms >= 5000 && ms < moves + 5000 + 10_000,
+        "polled {ms} ms of 5000 (the moves took {moves} ms)"
+    );
 }

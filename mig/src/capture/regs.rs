@@ -1,8 +1,9 @@
 //! Per-thread state: registers (with the interrupted system call turned
 //! into a restart), xsave, signal mask, rseq, robust list,
-//! clear_child_tid, alternate signal stack, name, pending signals.
+//! clear_child_tid, alternate signal stack, name, pending signals,
+//! scheduling (nice, policy, CPU mask).
 
-use migfs_proto::image::{AltStack, PendingSignal, Rseq, Thread};
+use migfs_proto::image::{AltStack, PendingSignal, Rseq, Sched, Thread};
 use nix::unistd::Pid;
 
 use super::remote::Remote;
@@ -47,6 +48,7 @@ pub fn capture_thread(pid: Pid, t: &FrozenThread, remote: &Remote) -> Result<Thr
             }
         })?;
     let queued = ptrace::peek_siginfo(tid, false).map_err(sys("PTRACE_PEEKSIGINFO"))?;
+    let sched = task::sched(tid).map_err(sys("scheduling (nice, policy, CPU mask)"))?;
     let pending: Vec<PendingSignal> = t.held.iter().chain(&queued).map(pending).collect();
     Ok(Thread {
         tid: tid.as_raw(),
@@ -66,6 +68,12 @@ pub fn capture_thread(pid: Pid, t: &FrozenThread, remote: &Remote) -> Result<Thr
         altstack: Some(altstack),
         pending,
         syscall_note: note,
+        sched: Some(Sched {
+            nice: sched.nice,
+            policy: sched.policy,
+            priority: sched.priority,
+            cpus: sched.cpus,
+        }),
     })
 }
 
@@ -88,22 +96,20 @@ pub fn restart_fixup(regs: &mut Regs) -> Option<String> {
     if nr < 0 {
         return None;
     }
-    if let Some(note) = sleep_restart(regs) {
-        return Some(note.to_owned());
+    if let Some(note) = own_restart(regs) {
+        return Some(note);
     }
-    let ret = -(regs[reg::RAX] as i64);
-    let note = match ret {
+    let note = match -(regs[reg::RAX] as i64) {
         abi::ERESTARTSYS | abi::ERESTARTNOINTR | abi::ERESTARTNOHAND => {
             format!("syscall {nr} restarted")
         }
-        // The kernel's restart_syscall of a call interrupted before (a
-        // thread frozen twice): the call it restarts is not in the
-        // registers, and a new process has nothing to restart, so the
-        // program gets EINTR from it.
-        abi::ERESTART_RESTARTBLOCK if nr == libc::SYS_restart_syscall => {
+        // The kernel's restart_syscall of a call interrupted before and
+        // let go by something other than a thaw of ours: the call it
+        // restarts is not in the registers, and a new process has
+        // nothing to restart, so the program gets EINTR from it.
+        abi::ERESTART_RESTARTBLOCK => {
             "a call the kernel was restarting (restart_syscall) returns EINTR".to_owned()
         }
-        abi::ERESTART_RESTARTBLOCK => format!("syscall {nr} restarted with its arguments"),
         _ => return None,
     };
     regs[reg::RAX] = nr.cast_unsigned();
@@ -111,13 +117,38 @@ pub fn restart_fixup(regs: &mut Regs) -> Option<String> {
     Some(note)
 }
 
+/// A call the kernel would resume through `restart_syscall` (a relative
+/// sleep, `poll`, a futex wait with a relative timeout), made into the
+/// same call again by the thread itself: a restored process has no
+/// restart block, and a thread frozen again later would show
+/// `restart_syscall`, whose call no capture can name; so a thaw uses this
+/// too. Sleeps given a `rem` pointer go on for the time left
+/// (`sleep_restart`); other calls restart with their own arguments, so a
+/// timeout starts again in full (the kernel keeps the deadline where no
+/// tracer can read it): the call waits longer than asked, by as long as
+/// it had waited, and never fails with EINTR.
+pub fn own_restart(regs: &mut Regs) -> Option<String> {
+    let nr = regs[reg::ORIG_RAX] as i64;
+    if nr < 0 || nr == libc::SYS_restart_syscall {
+        return None;
+    }
+    if let Some(note) = sleep_restart(regs) {
+        return Some(note.to_owned());
+    }
+    if -(regs[reg::RAX] as i64) != abi::ERESTART_RESTARTBLOCK {
+        return None;
+    }
+    regs[reg::RAX] = nr.cast_unsigned();
+    regs[reg::RIP] -= 2;
+    Some(format!(
+        "syscall {nr} restarted with its arguments (its timeout starts again)"
+    ))
+}
+
 /// A relative `nanosleep` / `clock_nanosleep` the freeze interrupted,
 /// given a `rem` pointer (the kernel wrote the time left there), made
-/// into the same call for the time left: `rem` becomes the request. The
-/// kernel itself would resume it through `restart_syscall`, which a
-/// restored process cannot (no restart block) and which a thread frozen
-/// again later shows instead of the sleep; so a thaw uses this too.
-pub fn sleep_restart(regs: &mut Regs) -> Option<&'static str> {
+/// into the same call for the time left: `rem` becomes the request.
+fn sleep_restart(regs: &mut Regs) -> Option<&'static str> {
     let nr = regs[reg::ORIG_RAX] as i64;
     if -(regs[reg::RAX] as i64) != abi::ERESTART_RESTARTBLOCK {
         return None;
@@ -228,22 +259,27 @@ mod tests {
     }
 
     #[test]
-    fn a_thaw_restarts_only_sleeps_it_can_resume_exactly() {
+    fn a_thaw_makes_the_thread_itself_restart_what_the_kernel_would_restart_blindly() {
         let mut r = regs(libc::SYS_nanosleep, -abi::ERESTART_RESTARTBLOCK);
         r[reg::RDI] = 0x5000;
         r[reg::RSI] = 0x6000;
-        assert!(sleep_restart(&mut r).is_some());
+        assert!(own_restart(&mut r).unwrap().contains("remaining time"));
         assert_eq!(
             (r[reg::RAX], r[reg::RDI], r[reg::RIP]),
             (libc::SYS_nanosleep as u64, 0x6000, 0x1000)
         );
         let mut r = regs(libc::SYS_poll, -abi::ERESTART_RESTARTBLOCK);
-        assert!(
-            sleep_restart(&mut r).is_none(),
-            "poll is left to the kernel's restart"
+        r[reg::RDX] = 1500;
+        assert!(own_restart(&mut r).is_some(), "poll restarts itself");
+        assert_eq!(
+            (r[reg::RAX], r[reg::RDX], r[reg::RIP]),
+            (libc::SYS_poll as u64, 1500, 0x1000)
         );
+        let mut r = regs(libc::SYS_read, -abi::ERESTARTSYS);
+        assert!(own_restart(&mut r).is_none(), "the kernel restarts read");
         assert_eq!(r[reg::RIP], 0x1002);
         let mut r = regs(libc::SYS_restart_syscall, -abi::ERESTART_RESTARTBLOCK);
+        assert!(own_restart(&mut r).is_none());
         assert!(restart_fixup(&mut r).unwrap().contains("EINTR"));
     }
 

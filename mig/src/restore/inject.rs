@@ -191,6 +191,23 @@ pub enum Call<'a> {
         /// Size.
         size: u64,
     },
+    /// `setpriority(PRIO_PROCESS, 0, nice)`: the calling thread's nice.
+    SetNice {
+        /// -20..=19.
+        nice: i32,
+    },
+    /// `sched_setscheduler(0, policy, &{priority})`.
+    SetScheduler {
+        /// SCHED_* (SCHED_RESET_ON_FORK or'ed in).
+        policy: i32,
+        /// sched_priority.
+        priority: i32,
+    },
+    /// `sched_setaffinity(0, len, mask)`.
+    SetAffinity {
+        /// Mask bytes (bit N: CPU N).
+        mask: &'a [u8],
+    },
     /// `prctl(PR_SET_NAME, name)`.
     SetName {
         /// Up to 15 bytes.

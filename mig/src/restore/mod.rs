@@ -156,8 +156,15 @@ fn restore_resolved(
     match rebuild(&mut stub, image, resolved, pages, opts, &ours, &mut extras) {
         Ok(stats) => {
             if let Some(p) = &pin {
+                // Threads with a captured CPU mask have it already.
                 let handler = stats.lazy.as_ref().and_then(|l| l.handler_tid());
-                p.release(stub.tids().into_iter().chain(handler));
+                let unset = stub
+                    .tids()
+                    .into_iter()
+                    .zip(&image.threads)
+                    .filter(|(_, th)| th.sched.as_ref().is_none_or(|s| s.cpus.is_empty()))
+                    .map(|(tid, _)| tid);
+                p.release(unset.chain(handler));
             }
             drop(pin);
             let pid = stub.release().map_err(|e| {
@@ -697,6 +704,66 @@ mod tests {
             );
             assert!(e.contains(says) && e.contains("EAGAIN"), "{prefix}: {e}");
         }
+    }
+
+    /// Rebuilds `image` with thread 1 given a nice, policy and CPU mask,
+    /// failing the first call starting with `fail`.
+    fn rebuild_with_sched(fail: Option<(&str, Errno)>) -> (Fake, Result<RebuildStats, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = fake();
+        f.log.clear();
+        f.fail = fail.map(|(p, e)| (p.to_owned(), e));
+        let mut img_dir = image(dir.path());
+        img_dir.image.threads[1].sched = Some(migfs_proto::image::Sched {
+            nice: 7,
+            policy: libc::SCHED_BATCH,
+            priority: 0,
+            cpus: vec![0b10, 0],
+        });
+        let r = rebuild(
+            &mut f,
+            &img_dir.image,
+            &files::Resolved::default(),
+            &img_dir.pages,
+            &RestoreOptions::default(),
+            &Creds::default(),
+            &mut Extras::default(),
+        )
+        .map_err(|e| e.to_string());
+        (f, r)
+    }
+
+    #[test]
+    fn scheduling_is_set_in_its_own_thread_before_the_credentials() {
+        let (f, r) = rebuild_with_sched(None);
+        r.unwrap();
+        let at = |needle: &str| {
+            f.find(needle)
+                .unwrap_or_else(|| panic!("no {needle} in {:#?}", f.log))
+        };
+        assert!(at("1 SetNice { nice: 7 }") < at("1 SetScheduler { policy: 3, priority: 0 }"));
+        assert!(at("1 SetAffinity { mask: [2, 0] }") < at("SetResUid"));
+        assert!(
+            !f.log.iter().any(|l| l.starts_with("0 SetNice")),
+            "a thread with no captured scheduling is left alone"
+        );
+        // A mask of CPUs this machine does not have: any CPU, not a failure.
+        let (f, r) = rebuild_with_sched(Some(("SetAffinity", Errno::EINVAL)));
+        r.unwrap();
+        assert!(
+            f.find("1 SetAffinity { mask: [255, 255] }").is_some(),
+            "{:#?}",
+            f.log
+        );
+        // A policy the kernel refuses fails the restore at its step.
+        let (_, r) = rebuild_with_sched(Some(("SetScheduler", Errno::EPERM)));
+        let e = r.unwrap_err();
+        assert!(
+            e.starts_with("restore failed at step \"threads\": ")
+                && e.contains("thread 4243: sched_setscheduler (policy 3, priority 0)")
+                && e.contains("EPERM"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! Process and thread state on the restoring side: signal handlers, the
 //! other threads and everything per thread (clear_child_tid, robust list,
-//! rseq, alternate stack, name), umask, rlimits, personality,
+//! rseq, alternate stack, name, nice, policy, CPU mask), umask, rlimits, personality,
 //! credentials, pending signals and the final registers.
 
-use migfs_proto::image::{Creds, Image};
+use migfs_proto::image::{Creds, Image, Sched};
+use nix::errno::Errno;
 
 use super::files::cause;
-use super::inject::{Call, Target, ThreadState};
+use super::inject::{Call, CallError, Target, ThreadState};
 use crate::error::{RestoreCause, RestoreError, Step};
 use crate::sys::abi;
 
@@ -120,8 +121,72 @@ pub fn threads<T: Target>(
             .map_err(e("sigaltstack"))?;
         t.call(i, &Call::SetName { name: &th.comm })
             .map_err(e("prctl(PR_SET_NAME)"))?;
+        if let Some(s) = &th.sched {
+            sched(t, i, th.tid, s)?;
+        }
     }
     Ok(tids)
+}
+
+/// A thread's nice, policy and CPU mask. A mask with no CPU this machine
+/// has online becomes every CPU, with a warning; any other refusal fails
+/// the restore.
+fn sched<T: Target>(t: &mut T, i: usize, tid: i32, s: &Sched) -> Result<(), RestoreError> {
+    let e = |what: &str| err(Step::Threads, format!("thread {tid}: {what}"));
+    t.call(i, &Call::SetNice { nice: s.nice })
+        .map_err(e(&format!("setpriority (nice {})", s.nice)))?;
+    t.call(
+        i,
+        &Call::SetScheduler {
+            policy: s.policy,
+            priority: s.priority,
+        },
+    )
+    .map_err(e(&format!(
+        "sched_setscheduler (policy {}, priority {})",
+        s.policy, s.priority
+    )))?;
+    if s.cpus.is_empty() {
+        return Ok(());
+    }
+    match t.call(i, &Call::SetAffinity { mask: &s.cpus }) {
+        Err(CallError::Errno(Errno::EINVAL)) => {
+            tracing::warn!(
+                tid,
+                cpus = %cpu_list(&s.cpus),
+                "none of the thread's CPUs is online here: it may run on any"
+            );
+            let all = vec![0xff; s.cpus.len()];
+            t.call(i, &Call::SetAffinity { mask: &all })
+                .map(drop)
+                .map_err(e("sched_setaffinity (every CPU)"))
+        }
+        r => r.map(drop).map_err(e("sched_setaffinity")),
+    }
+}
+
+/// "0-3,6" for a CPU mask.
+pub fn cpu_list(mask: &[u8]) -> String {
+    let on = |c: usize| mask.get(c / 8).is_some_and(|b| b & (1 << (c % 8)) != 0);
+    let mut out: Vec<String> = Vec::new();
+    let mut c = 0;
+    while c < mask.len() * 8 {
+        if !on(c) {
+            c += 1;
+            continue;
+        }
+        let first = c;
+        while on(c + 1) {
+            c += 1;
+        }
+        out.push(if first == c {
+            first.to_string()
+        } else {
+            format!("{first}-{c}")
+        });
+        c += 1;
+    }
+    out.join(",")
 }
 
 /// umask, rlimits, personality, no_new_privs ("process state" step).

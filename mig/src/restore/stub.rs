@@ -399,6 +399,21 @@ fn encode(call: &Call<'_>, s: u64) -> (i64, [u64; 6], Vec<u8>) {
             [s, 0, 0, 0, 0, 0],
             words(&[sp, flags.into(), size]),
         ),
+        Call::SetNice { nice } => (
+            libc::SYS_setpriority,
+            [libc::PRIO_PROCESS.into(), 0, sx(nice), 0, 0, 0],
+            vec![],
+        ),
+        Call::SetScheduler { policy, priority } => (
+            libc::SYS_sched_setscheduler,
+            [0, sx(policy), s, 0, 0, 0],
+            priority.to_ne_bytes().to_vec(),
+        ),
+        Call::SetAffinity { mask } => (
+            libc::SYS_sched_setaffinity,
+            [0, mask.len() as u64, s, 0, 0, 0],
+            mask.to_vec(),
+        ),
         Call::SetName { name } => (
             libc::SYS_prctl,
             [abi::PR_SET_NAME, s, 0, 0, 0, 0],

@@ -1,5 +1,5 @@
 //! Per-task queries made from outside the task: robust futex list,
-//! `kcmp`, resource limits, locks held on migfs files.
+//! scheduling, `kcmp`, resource limits, locks held on migfs files.
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -20,6 +20,54 @@ pub fn get_robust_list(tid: Pid) -> Result<(u64, u64), Errno> {
     };
     Errno::result(r)?;
     Ok((head, len as u64))
+}
+
+/// A thread's scheduling as the kernel keeps it per thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sched {
+    /// Nice value, -20..=19.
+    pub nice: i32,
+    /// `sched_getscheduler`: SCHED_* with SCHED_RESET_ON_FORK or'ed in.
+    pub policy: i32,
+    /// `sched_param.sched_priority` (non-zero only for real-time policies).
+    pub priority: i32,
+    /// `sched_getaffinity` mask, as many bytes as the kernel's cpumask.
+    pub cpus: Vec<u8>,
+}
+
+/// The scheduling of thread `tid`: `getpriority`, `sched_getscheduler`,
+/// `sched_getparam`, `sched_getaffinity`.
+pub fn sched(tid: Pid) -> Result<Sched, Errno> {
+    let t = libc::c_long::from(tid.as_raw());
+    // SAFETY: getpriority takes only integers; the raw call returns
+    // 20 - nice (1..=40) and never a negative value but an error.
+    let r = unsafe { libc::syscall(libc::SYS_getpriority, libc::PRIO_PROCESS, t) };
+    let nice = 20 - i32::try_from(Errno::result(r)?).map_err(|_| Errno::ERANGE)?;
+    // SAFETY: sched_getscheduler takes only integers.
+    let r = unsafe { libc::syscall(libc::SYS_sched_getscheduler, t) };
+    let policy = i32::try_from(Errno::result(r)?).map_err(|_| Errno::ERANGE)?;
+    let mut priority: libc::c_int = 0;
+    // SAFETY: struct sched_param is one int, a live local here.
+    let r = unsafe { libc::syscall(libc::SYS_sched_getparam, t, &raw mut priority) };
+    Errno::result(r)?;
+    let mut mask = [0u8; 1024];
+    // SAFETY: the kernel writes at most `mask.len()` bytes into it and
+    // returns how many.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getaffinity,
+            t,
+            mask.len(),
+            mask.as_mut_ptr(),
+        )
+    };
+    let n = usize::try_from(Errno::result(r)?).map_err(|_| Errno::ERANGE)?;
+    Ok(Sched {
+        nice,
+        policy,
+        priority,
+        cpus: mask[..n.min(mask.len())].to_vec(),
+    })
 }
 
 /// `kcmp(pid, pid, KCMP_FILE, a, b) == 0`: descriptors `a` and `b` of
