@@ -300,3 +300,48 @@ async fn parked_locks_stay_held_until_claimed_given_back_or_dropped() {
             .moved;
     assert!(late.is_empty());
 }
+
+/// A move whose source node's session ends (its daemon, which runs the
+/// agent, died and came back) is given up: another move may start at
+/// once instead of after MOVE_STALE_MS. While the session lives, it may not.
+#[tokio::test]
+async fn a_move_whose_source_session_ended_can_be_taken_over_at_once() {
+    let s = TestServer::start(Config::default()).await;
+    let mut a = s.node("a").await;
+    let b = s.node("b").await;
+    let t =
+        a.c.task_create(pb::TaskCreateRequest {
+            node_id: a.id,
+            pid: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let begin = pb::TaskBeginMoveRequest {
+        task_id: t.task_id,
+        from_node: a.id,
+        pid: 42,
+        to_node: b.id,
+    };
+    let m = a.c.task_begin_move(begin).await.unwrap().into_inner();
+    assert_eq!(m.moving_session, a.sid);
+    assert_eq!(
+        errno(a.c.task_begin_move(begin).await),
+        libc::EBUSY,
+        "the source's session is alive: the move is its"
+    );
+    // Node a starts again: a new session ends the old one.
+    let mut a2 = s.node("a").await;
+    assert_eq!(a2.id, a.id);
+    let m2 = a2.c.task_begin_move(begin).await.unwrap().into_inner();
+    assert_eq!(
+        (m2.state(), m2.moving_session),
+        (TaskState::TaskMoving, a2.sid)
+    );
+    assert_eq!(
+        errno(a2.c.task_begin_move(begin).await),
+        libc::EBUSY,
+        "the new move is not taken over"
+    );
+}

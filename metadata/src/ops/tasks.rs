@@ -12,8 +12,21 @@ use crate::error::{MetaError, Result, e};
 use crate::schema::{Tree, k1};
 
 /// A move whose agent said nothing for this long may be taken over (its
-/// source agent died mid-move).
+/// source agent died mid-move). Sooner when the source node's session
+/// ended (see [`abandoned`]).
 pub const MOVE_STALE_MS: i64 = 120_000;
+
+/// Whether the move of `task` was given up by its source: the session the
+/// source node had when the move began has ended (its daemon, which runs
+/// the agent, died and its lease ran out, or it started again).
+fn abandoned<R: Read + ?Sized>(r: &R, task: &TaskInfo) -> Result<bool> {
+    let sid = task.moving_session;
+    if sid == 0 {
+        return Ok(false);
+    }
+    let current = sessions::get_node(r, task.node_id)?.map(|n| n.session);
+    Ok(current != Some(sid) || r.get(Tree::Sessions, &k1(sid))?.is_none())
+}
 
 fn put(t: &mut Txn<'_>, task: &TaskInfo) {
     t.put(Tree::Tasks, &k1(task.task_id), task.encode_to_vec());
@@ -94,6 +107,12 @@ pub fn begin_move(t: &mut Txn<'_>, id: u64, from: u64, pid: u32, to: u64) -> Res
         TaskState::TaskMoving if now - task.moving_since_ms > MOVE_STALE_MS => {
             tracing::warn!(task = id, "taking over a move that stalled");
         }
+        TaskState::TaskMoving if abandoned(t, &task)? => {
+            tracing::warn!(
+                task = id,
+                "taking over a move whose source node's session has ended"
+            );
+        }
         TaskState::TaskMoving => {
             let target = node_name(t, task.moving_to).unwrap_or_default();
             return Err(e::ebusy(format!(
@@ -119,6 +138,7 @@ pub fn begin_move(t: &mut Txn<'_>, id: u64, from: u64, pid: u32, to: u64) -> Res
     task.set_state(TaskState::TaskMoving);
     task.moving_to = to;
     task.moving_since_ms = now;
+    task.moving_session = sessions::get_node(t, from)?.map_or(0, |n| n.session);
     put(t, &task);
     Ok(task)
 }
@@ -141,6 +161,7 @@ pub fn end_move(t: &mut Txn<'_>, id: u64, commit: bool, to: u64, new_pid: u32) -
     task.set_state(TaskState::TaskRunning);
     task.moving_to = 0;
     task.moving_since_ms = 0;
+    task.moving_session = 0;
     put(t, &task);
     Ok(task)
 }
