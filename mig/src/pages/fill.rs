@@ -352,17 +352,35 @@ impl State {
 /// already there or no longer registered. Returns the bytes dealt with,
 /// the pages installed, and the errno that stopped it (EAGAIN: an event
 /// is waiting to be read; call again at `dst + done`).
+///
+/// One copy may not span two mappings (the kernel refuses the whole call),
+/// and a run of the original often does: adjacent mappings are one run
+/// for the page server. So a refused copy of several pages is tried
+/// again with half as many, down to one page; only a single page the
+/// kernel refuses is skipped.
 fn copy_run(mm: &Mm, dst: u64, src: &[u8]) -> (u64, u64, Option<Errno>) {
     let len = src.len() as u64;
     let (mut at, mut pages) = (0u64, 0u64);
+    let mut step = len;
     while at < len {
-        let f = uffd::copy(&mm.uffd, dst + at, &src[usize::try_from(at).unwrap_or(0)..]);
+        let n = step.min(len - at);
+        let from = usize::try_from(at).unwrap_or(usize::MAX);
+        let to = usize::try_from(at + n).unwrap_or(usize::MAX);
+        let f = uffd::copy(&mm.uffd, dst + at, &src[from..to]);
         at += f.done;
         pages += f.done / PAGE;
         match f.err {
-            None => {}
-            // Already there, or no longer registered there.
-            Some(Errno::EEXIST | Errno::ENOENT | Errno::EINVAL) => at += PAGE,
+            None => step = step.saturating_mul(2),
+            // Already there: the next page may not be.
+            Some(Errno::EEXIST) => at += PAGE,
+            // Past the end of a mapping, or not registered there.
+            Some(Errno::ENOENT | Errno::EINVAL) if n - f.done > PAGE => {
+                step = ((n - f.done) / 2).next_multiple_of(PAGE);
+            }
+            Some(Errno::ENOENT | Errno::EINVAL) => {
+                at += PAGE;
+                step = len;
+            }
             Some(e) => return (at, pages, Some(e)),
         }
     }

@@ -1,7 +1,8 @@
 // Test program for mig/tests/pages.rs (lazy restore).
 //   lazy_mem OUT MIB [THREADS]
-// Fills MIB MiB of anonymous memory (and a heap buffer, and a stack
-// array) with a pattern, appends "filled <addr>" to OUT, then sleeps in
+// Fills MIB MiB of anonymous memory (two mappings: the second, with
+// MADV_NOHUGEPAGE, starts 3 pages past MIB/8 MiB), a heap buffer and a
+// stack array with a pattern, appends "filled <addr>" to OUT, sleeps in
 // 5 ms steps. Signals ask for work, each answered by a line in OUT:
 //   SIGUSR1  check every page: "verified ok <ms>" or "verified BAD ...";
 //            pages discarded by SIGUSR2 must read as zeros.
@@ -114,6 +115,11 @@ int main(int argc, char **argv) {
     uint64_t *p = mmap(NULL, n * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return 3;
     for (size_t i = 0; i < n; i++) p[i] = pat(i);
+    // Two mappings, not one: from 3 pages past its first eighth on, the
+    // region has MADV_NOHUGEPAGE, so one run of the original's pages
+    // spans a mapping boundary (here and in the copy).
+    size_t split = n * 8 / 8 + 3 * 4096;
+    if (madvise((char *)p + split, n * 8 - split, MADV_NOHUGEPAGE) != 0) return 3;
     size_t hn = 50000;
     uint64_t *heap = malloc(hn * 8);
     if (!heap) return 3;
