@@ -527,15 +527,16 @@ fn a_push_across_two_mappings_installs_every_page() {
         return;
     }
     let l = Lazy::new(8);
+    let size = l.region.1 - l.region.0;
     // Where lazy_mem's second mapping starts.
-    let boundary = l.region.0 + (8 << 20) / 8 + 3 * PAGE;
+    let boundary = l.region.0 + size / 8 + 3 * PAGE;
     let (copy, lazy, _) = l.restore(SourceFetch::new(&l.source)).expect("restore");
     let (s, e) = (boundary - 8 * PAGE, boundary + 8 * PAGE);
     let mut buf = vec![0u8; usize::try_from(e - s).unwrap()];
     l.source.read(s, &mut buf).unwrap();
     assert_eq!(lazy.install(s, &buf).unwrap(), 16, "pages installed of 16");
     let (pushed, _) = l.push_all(&lazy);
-    assert!(pushed >= (8 << 20) / PAGE - 16, "pushed {pushed} pages");
+    assert!(pushed >= size / PAGE - 16, "pushed {pushed} pages");
     // Nothing is fetched once it is finished: every page must be there.
     let st = lazy.finish();
     assert!(st.error.is_none(), "{st:?}");
