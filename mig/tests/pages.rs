@@ -25,6 +25,7 @@ use migfs_mig::freeze::{self, Frozen};
 use migfs_mig::pages::wire::{Incoming, Link, Origin, PageServer};
 use migfs_mig::pages::{self, LazyConfig, LazyPages, PageFetch, PageSource, Tracker};
 use migfs_mig::restore::stream::StreamFill;
+use migfs_mig::restore::warm::{Warm, WarmPool};
 use migfs_mig::restore::{self, Extras, RestoreOptions};
 use migfs_mig::sys::uffd;
 use nix::sys::signal::{Signal, kill};
@@ -328,6 +329,16 @@ impl Lazy {
 
     /// [`Lazy::new`] with `threads` checking threads in the program.
     fn with_threads(mib: u64, threads: usize) -> Lazy {
+        Lazy::build(mib, threads, false)
+    }
+
+    /// [`Lazy::new`] with the second quarter of the region discarded
+    /// (SIGUSR2) before the freeze: a hole in a mapping.
+    fn sparse(mib: u64) -> Lazy {
+        Lazy::build(mib, 0, true)
+    }
+
+    fn build(mib: u64, threads: usize, hole: bool) -> Lazy {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
         let orig = Proc::start(
@@ -339,6 +350,10 @@ impl Lazy {
             ],
         );
         let start = parse_addr(&wait_line(&out, "filled", WAIT_MS));
+        if hole {
+            orig.signal(Signal::SIGUSR2);
+            wait_line(&out, "dontneed done", WAIT_MS);
+        }
         let frozen = freeze::freeze(orig.pid(), Duration::from_secs(10)).expect("freeze");
         let img_dir = dir.path().join("img");
         fs::create_dir(&img_dir).unwrap();
@@ -653,12 +668,14 @@ fn fds(pid: Pid) -> Vec<String> {
 
 /// A stop-and-copy of `l` over a real page channel: the stub receives
 /// every page itself, sent by `serve` (on this thread, which froze the
-/// original). Returns the copy and the pages the stub counted.
+/// original), into `warm` memory if given. Returns the copy, the pages
+/// the stub counted and the bytes placed from warm memory.
 fn stream_copy(
     l: &Lazy,
+    warm: Option<Warm>,
     origin: impl FnOnce(std::sync::mpsc::Sender<Handed>) -> Arc<dyn Origin>,
     serve: impl Fn(Handed),
-) -> Result<(Proc, u64), String> {
+) -> Result<(Proc, u64, u64), String> {
     let (tx, rx) = std::sync::mpsc::channel();
     let server = PageServer::start("127.0.0.1".parse().unwrap(), 7, origin(tx)).unwrap();
     let link = Link {
@@ -672,14 +689,14 @@ fn stream_copy(
     let restorer = thread::spawn(move || {
         let pull = Incoming::pull(&link, &[])?;
         let extras = Extras {
-            stream: Some(StreamFill { pull, pages }),
+            stream: Some(StreamFill { pull, pages, warm }),
             ..Extras::default()
         };
         let res = restore::restore_with(&dir, &RestoreOptions::default(), extras);
         // A stub is a child of the thread that made it: none may be left
         // by a restore that failed.
         let left = fs::read_to_string("/proc/thread-self/children").unwrap_or_default();
-        res.map(|r| r.pid).map_err(|e| {
+        res.map(|r| (r.pid, r.warm)).map_err(|e| {
             assert!(
                 left.trim().is_empty(),
                 "a failed restore left {left:?}: {e}"
@@ -694,9 +711,9 @@ fn stream_copy(
             Err(_) => break,
         }
     }
-    let pid = restorer.join().unwrap()?;
+    let (pid, warm) = restorer.join().unwrap()?;
     server.close();
-    Ok((Proc::adopt(pid), counted.load(Ordering::Relaxed)))
+    Ok((Proc::adopt(pid), counted.load(Ordering::Relaxed), warm))
 }
 
 #[test]
@@ -709,8 +726,9 @@ fn the_original_sends_its_pages_from_inside_and_the_stub_receives_them_in_place(
     let orig = l.orig.pid();
     let before = fds(orig);
     let sent = Arc::new(AtomicU64::new(0));
-    let (copy, counted) = stream_copy(
+    let (copy, counted, _) = stream_copy(
         &l,
+        None,
         |tx| {
             Arc::new(Handing {
                 source,
@@ -788,15 +806,115 @@ fn a_stream_with_a_page_outside_the_anonymous_memory_fails_the_restore() {
     let source = Arc::clone(&l.source);
     let err = stream_copy(
         &l,
+        None,
         |_| Arc::new(Lying { source, at }),
         |_| panic!("this origin sends from outside"),
     )
-    .map(|(p, _)| p.pid())
+    .map(|(p, ..)| p.pid())
     .expect_err("a run outside the process's memory was accepted");
     assert!(
         err.contains("not whole pages of the process's anonymous memory"),
         "{err}"
     );
+}
+
+/// Anonymous memory resident in `pid`, in bytes.
+fn rss_anon(pid: Pid) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("RssAnon in /proc/PID/status");
+    kb << 10
+}
+
+/// A holder of the pool, once it has its memory.
+fn warm_holder(pool: &WarmPool) -> Warm {
+    assert!(
+        pool.wait_ready(Duration::from_secs(60)),
+        "no warm memory after 60 s"
+    );
+    pool.take().expect("a ready holder")
+}
+
+#[test]
+fn a_stream_copy_lands_in_warm_memory_and_keeps_its_holes() {
+    if !require() {
+        return;
+    }
+    let pool = WarmPool::start(128 << 20).expect("start the pool");
+    let holder = warm_holder(&pool);
+    let hpid = holder.pid();
+    let l = Lazy::sparse(64);
+    let before = rss_anon(l.orig.pid());
+    let source = Arc::clone(&l.source);
+    let (copy, counted, warm) = stream_copy(
+        &l,
+        Some(holder),
+        |_| source,
+        |_| panic!("this origin sends from outside"),
+    )
+    .expect("restore into warm memory");
+    // Both mappings of the region (64 MiB) came from the holder, which is
+    // gone; the pool makes the next one.
+    assert!(warm >= 64 << 20, "only {warm} bytes were placed warm");
+    assert!(
+        !Path::new(&format!("/proc/{hpid}")).exists(),
+        "the holder {hpid} is still there"
+    );
+    let quarter = (64 << 20) / PAGE / 4;
+    assert!(
+        counted <= (64 << 20) / PAGE - quarter + 512,
+        "{counted} pages were sent for a region with a hole"
+    );
+    // The hole was given back: the copy holds what the original held,
+    // not the warm memory under it.
+    let after = rss_anon(copy.pid());
+    assert!(
+        after <= before + (2 << 20),
+        "the copy holds {} KiB of anonymous memory, the original {} KiB",
+        after >> 10,
+        before >> 10
+    );
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    // It runs on in that memory: more memory, a fork, a mremap.
+    copy.signal(Signal::SIGHUP);
+    assert_eq!(wait_line(&l.out, "alloc", WAIT_MS), "alloc ok");
+    copy.signal(Signal::SIGWINCH);
+    assert_eq!(wait_line(&l.out, "child", WAIT_MS), "child ok");
+    copy.signal(Signal::SIGALRM);
+    assert_eq!(wait_line(&l.out, "moved", WAIT_MS), "moved ok");
+    copy.signal(Signal::SIGUSR1);
+    assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+    let next = warm_holder(&pool);
+    assert_ne!(next.pid(), hpid);
+    assert_eq!(pool.made(), 2);
+}
+
+#[test]
+fn a_dead_warm_holder_gives_way_to_a_fresh_stub() {
+    if !require() {
+        return;
+    }
+    let pool = WarmPool::start(16 << 20).expect("start the pool");
+    let holder = warm_holder(&pool);
+    kill(holder.pid(), Signal::SIGKILL).unwrap();
+    let l = Lazy::new(8);
+    let source = Arc::clone(&l.source);
+    let (copy, _, warm) = stream_copy(
+        &l,
+        Some(holder),
+        |_| source,
+        |_| panic!("this origin sends from outside"),
+    )
+    .expect("restore without the dead holder");
+    assert_eq!(warm, 0);
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
 }
 
 #[test]

@@ -123,6 +123,9 @@ pub struct AgentConfig {
     pub meta_url: String,
     /// Cluster secret.
     pub secret: Secret,
+    /// Bytes of warm memory to keep allocated for eager moves to this
+    /// node (0: none; see [`crate::restore::warm`]).
+    pub warm_bytes: u64,
 }
 
 /// The agent of one node.
@@ -142,6 +145,8 @@ pub(crate) struct Inner {
     pub(crate) precopies: Mutex<HashMap<u64, Arc<crate::pages::Store>>>,
     /// Stdin relays of the tasks running here, by task id.
     pub(crate) stdins: Arc<stdin::Relays>,
+    /// Memory kept allocated for eager moves to this node.
+    pub(crate) warm: Option<crate::restore::warm::WarmPool>,
     next_move: AtomicU64,
 }
 
@@ -219,6 +224,13 @@ impl Agent {
             .tcp_nodelay(true)
             .connect_lazy();
         let meta = MetaClient::with_interceptor(ch, Present(cfg.secret.clone()));
+        let warm = match cfg.warm_bytes {
+            0 => None,
+            n => Some(
+                crate::restore::warm::WarmPool::start(n)
+                    .map_err(|e| AgentError::Invalid(format!("start the warm-memory pool: {e}")))?,
+            ),
+        };
         let agent = Agent {
             inner: Arc::new(Inner {
                 cfg,
@@ -227,6 +239,7 @@ impl Agent {
                 sources: Mutex::new(HashMap::new()),
                 precopies: Mutex::new(HashMap::new()),
                 stdins: Arc::default(),
+                warm,
                 next_move: AtomicU64::new(1),
             }),
         };

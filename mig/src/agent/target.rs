@@ -24,6 +24,7 @@ use crate::pages::Store;
 use crate::pages::wire::{self, Link};
 use crate::pages::{LazyConfig, LazyPages, PageFetch};
 use crate::restore::stream::StreamFill;
+use crate::restore::warm::WarmPool;
 use crate::restore::{Extras, RestoreOptions};
 
 /// Whether this node can take a process described by `r`; the reason if not.
@@ -301,6 +302,7 @@ fn rebuild(
             Ok(pull) => Some(StreamFill {
                 pull,
                 pages: Arc::clone(&preloaded),
+                warm: inner.warm.as_ref().and_then(WarmPool::take),
             }),
             Err(e) => {
                 give_back(&inner, session, to_pid, held);
@@ -360,6 +362,13 @@ fn rebuild(
             return;
         }
     };
+    if restored.warm > 0 {
+        tracing::info!(
+            pid = restored.pid,
+            mib = restored.warm >> 20,
+            "placed in warm memory"
+        );
+    }
     send(pb::ReceiveEvent {
         event: Some(receive_event::Event::Running(
             u32::try_from(restored.pid).unwrap_or(0),

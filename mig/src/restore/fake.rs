@@ -69,6 +69,7 @@ impl Target for Fake {
         self.record(thread, format!("{call:?}"))?;
         Ok(match *call {
             Call::Mmap { addr, .. } => addr,
+            Call::Mremap { to, .. } => to,
             Call::Open { .. } => {
                 self.next_fd += 1;
                 self.next_fd - 1

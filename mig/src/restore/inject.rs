@@ -55,6 +55,16 @@ pub enum Call<'a> {
         /// MADV_*.
         advice: i32,
     },
+    /// `mremap` of `len` bytes from `from` to exactly `to`
+    /// (`MREMAP_MAYMOVE | MREMAP_FIXED`): the pages move, not their bytes.
+    Mremap {
+        /// Where the pages are.
+        from: u64,
+        /// Length.
+        len: u64,
+        /// Where they go (whatever is mapped there is unmapped).
+        to: u64,
+    },
     /// `mlock`.
     Mlock {
         /// Address.
@@ -338,6 +348,12 @@ pub trait Target {
     fn new_thread(&mut self, tid: i32, require: bool) -> Result<(usize, i32), CallError>;
     /// The xsave layout of this CPU: xfeatures and size.
     fn xsave_layout(&mut self) -> Result<(u64, usize), CallError>;
+    /// Warm memory the process was made with, still unused: start and
+    /// end ([`super::warm`]). Taking it makes it the caller's to place
+    /// or unmap.
+    fn take_warm(&mut self) -> Option<(u64, u64)> {
+        None
+    }
     /// The vDSO block as mapped now.
     fn vdso_block(&mut self) -> Result<Option<VdsoBlock>, CallError>;
     /// Drops the helper mapping and loads the final registers, xsave and

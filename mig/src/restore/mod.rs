@@ -26,6 +26,7 @@ pub mod pin;
 pub mod state;
 pub mod stream;
 pub mod stub;
+pub mod warm;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -88,6 +89,8 @@ pub struct Restored {
     pub total: Duration,
     /// The lazy memory still being filled (with [`Extras::lazy`]).
     pub lazy: Option<crate::pages::LazyPages>,
+    /// Bytes of its mappings placed from warm memory ([`warm`]).
+    pub warm: u64,
 }
 
 /// Rebuilds the process whose image is in `dir` and lets it run.
@@ -144,7 +147,8 @@ fn restore_resolved(
         .collect();
     let old = image.process.as_ref().map_or(0, |p| p.pid);
     let pin = pin::Pin::here();
-    let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid)?;
+    let warm = extras.stream.as_mut().and_then(|s| s.warm.take());
+    let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid, warm)?;
     if let Some(p) = &pin {
         p.join(stub.pid());
     }
@@ -180,6 +184,7 @@ fn restore_resolved(
                 memory: stats.memory,
                 total,
                 lazy: stats.lazy,
+                warm: stats.warm,
             })
         }
         Err(e) => {
@@ -198,6 +203,8 @@ pub struct RebuildStats {
     pub memory: Duration,
     /// The lazy memory handler, when restoring lazily.
     pub lazy: Option<crate::pages::LazyPages>,
+    /// Bytes of mappings placed from warm memory.
+    pub warm: u64,
 }
 
 /// Runs every restore step against `t`, in order.
@@ -218,8 +225,11 @@ pub fn rebuild<T: Target>(
     steps.mark("map");
     let mut bytes = mm::write_memory(t, img, pages)?;
     steps.mark("write");
+    let mut warm = 0;
     if let Some(s) = extras.stream.take() {
-        bytes += stream::fill(t, img, s)?;
+        let filled = stream::fill(t, img, s)?;
+        bytes += filled.bytes;
+        warm = filled.warm;
         steps.mark("stream");
     }
     // The kernel may touch lazy memory in any later step: handle faults now.
@@ -234,6 +244,7 @@ pub fn rebuild<T: Target>(
             bytes,
             memory,
             lazy,
+            warm,
         }),
         // A step that failed because the page source did (the handler
         // killed the stub) says so.

@@ -30,6 +30,8 @@ pub struct PtraceStub {
     insn: u64,
     scratch: u64,
     helper: (u64, u64),
+    /// Warm memory this stub was made from, until the fill takes it.
+    warm: Option<(u64, u64)>,
     done: bool,
 }
 
@@ -48,12 +50,31 @@ fn sys(step: Step, what: &str) -> impl FnOnce(Errno) -> RestoreError + '_ {
 impl PtraceStub {
     /// Forks and seizes a stub with PID `want` when free (an error if
     /// taken and `require`), then empties it, keeping its helper region
-    /// clear of `avoid` (the image's mappings).
+    /// clear of `avoid` (the image's mappings). With `warm`, the stub is
+    /// made from that holder and keeps its memory ([`super::warm`]); if
+    /// the holder cannot be used, a fresh stub is forked instead.
     pub fn spawn(
         want: Option<i32>,
         require: bool,
         avoid: &[(u64, u64)],
+        warm: Option<super::warm::Warm>,
     ) -> Result<PtraceStub, RestoreError> {
+        if let Some(w) = warm {
+            let holder = w.pid();
+            match PtraceStub::from_warm(w, want, require) {
+                Ok(mut stub) => {
+                    stub.prepare(avoid)
+                        .map_err(|e| RestoreError::new(Step::PrepareStub, e))?;
+                    return Ok(stub);
+                }
+                Err(e) if matches!(e.cause, RestoreCause::PidInUse { .. }) => return Err(e),
+                Err(e) => tracing::warn!(
+                    holder = holder.as_raw(),
+                    error = %e,
+                    "the warm memory could not be used; forking a fresh stub"
+                ),
+            }
+        }
         let pid = match clone3::spawn_stub(want) {
             Err(Errno::EEXIST) if require => {
                 return Err(RestoreError::new(
@@ -73,6 +94,7 @@ impl PtraceStub {
             insn: 0,
             scratch: 0,
             helper: (0, 0),
+            warm: None,
             done: false,
         };
         ptrace::seize(pid, abi::PTRACE_O_EXITKILL | abi::PTRACE_O_TRACECLONE)
@@ -89,6 +111,141 @@ impl PtraceStub {
         }
         stub.prepare(avoid)
             .map_err(|e| RestoreError::new(Step::PrepareStub, e))?;
+        Ok(stub)
+    }
+
+    /// The stub made from a warm-memory holder: seize the holder, have it
+    /// clone a process sharing its address space (with PID `want` when
+    /// free), end the holder. The new process is seized (it was traced
+    /// from its first instruction) but not yet emptied.
+    fn from_warm(
+        w: super::warm::Warm,
+        want: Option<i32>,
+        require: bool,
+    ) -> Result<PtraceStub, RestoreError> {
+        let holder = w.pid();
+        let (scratch, len) = w.region();
+        fn err(what: &str) -> impl FnOnce(Errno) -> RestoreError + '_ {
+            sys(Step::CreateStub, what)
+        }
+        ptrace::seize(holder, abi::PTRACE_O_EXITKILL | abi::PTRACE_O_TRACECLONE)
+            .map_err(err("PTRACE_SEIZE the warm-memory holder"))?;
+        // From here the holder is traced by this thread: `w`'s drop (on
+        // any error) kills it and collects it.
+        ptrace::interrupt(holder).map_err(err("PTRACE_INTERRUPT the holder"))?;
+        match ptrace::wait(holder).map_err(err("waitpid the holder"))? {
+            ptrace::Stop::Event { .. } => {}
+            other => {
+                return Err(RestoreError::new(
+                    Step::CreateStub,
+                    RestoreCause::Refused(format!("the warm-memory holder stopped with {other:?}")),
+                ));
+            }
+        }
+        let maps = procfs::maps(holder).map_err(|source| {
+            RestoreError::new(
+                Step::CreateStub,
+                RestoreCause::Io {
+                    what: "the holder's maps".into(),
+                    source,
+                },
+            )
+        })?;
+        let block = vdso::find(&maps).ok_or_else(|| {
+            RestoreError::new(
+                Step::CreateStub,
+                RestoreCause::Refused("the holder has no vDSO".into()),
+            )
+        })?;
+        let mut text = vec![0u8; usize::try_from(block.vdso_end - block.vdso_start).unwrap_or(0)];
+        mem::read_vm(holder, block.vdso_start, &mut text).map_err(err("read the holder's vDSO"))?;
+        let insn = inject::find_syscall_insn(&text, block.vdso_start).ok_or_else(|| {
+            RestoreError::new(
+                Step::CreateStub,
+                RestoreCause::Refused("no syscall instruction in the holder's vDSO".into()),
+            )
+        })?;
+        // clone_args (and the wanted PID) go at the start of the warm
+        // region, zeroed again afterwards.
+        let clone = |with_pid: bool| -> Result<inject::Outcome, RestoreError> {
+            let (ptr, n) = if with_pid { (scratch + 128, 1) } else { (0, 0) };
+            let flags = (libc::CLONE_VM | libc::CLONE_PARENT) as u64;
+            let mut args = abi::clone_args_bytes(flags, 0, ptr, n);
+            args.resize(128, 0);
+            args.extend_from_slice(&want.unwrap_or(0).to_ne_bytes());
+            mem::write_vm(holder, scratch, &args).map_err(err("write clone_args"))?;
+            inject::syscall(holder, insn, libc::SYS_clone3, [scratch, 88, 0, 0, 0, 0]).map_err(
+                |source| {
+                    RestoreError::new(
+                        Step::CreateStub,
+                        RestoreCause::Inject {
+                            what: "clone3 in the holder".into(),
+                            source,
+                        },
+                    )
+                },
+            )
+        };
+        let mut out = clone(want.is_some())?;
+        if out.result() == Err(Errno::EEXIST) {
+            if require {
+                return Err(RestoreError::new(
+                    Step::CreateStub,
+                    RestoreCause::PidInUse {
+                        pid: want.unwrap_or(0),
+                    },
+                ));
+            }
+            out = clone(false)?;
+        }
+        out.result().map_err(err("clone3 in the holder"))?;
+        let pid = *out.clones.first().ok_or_else(|| {
+            RestoreError::new(
+                Step::CreateStub,
+                RestoreCause::Refused("clone3 in the holder reported no new process".into()),
+            )
+        })?;
+        // Killed on drop from here, with the holder.
+        let stub = PtraceStub {
+            pid,
+            threads: vec![pid],
+            insn: 0,
+            scratch: 0,
+            helper: (0, 0),
+            warm: Some((scratch, scratch + len)),
+            done: false,
+        };
+        match ptrace::wait(pid).map_err(err("waitpid the stub"))? {
+            ptrace::Stop::Event { .. } => {}
+            other => {
+                return Err(RestoreError::new(
+                    Step::CreateStub,
+                    RestoreCause::Refused(format!("the stub stopped with {other:?}")),
+                ));
+            }
+        }
+        mem::write_vm(holder, scratch, &[0u8; 136]).map_err(err("zero clone_args"))?;
+        // The holder goes; the stub is the address space's only user.
+        let _ = crate::sys::task::kill(holder, libc::SIGKILL);
+        loop {
+            match ptrace::wait(holder).map_err(err("waitpid the holder"))? {
+                ptrace::Stop::Exited(_) | ptrace::Stop::Killed(_) => break,
+                _ => {
+                    let _ = ptrace::cont(holder, 0);
+                }
+            }
+        }
+        w.consume();
+        let adj = super::warm::own_oom_score_adj();
+        std::fs::write(format!("/proc/{pid}/oom_score_adj"), adj).map_err(|source| {
+            RestoreError::new(
+                Step::CreateStub,
+                RestoreCause::Io {
+                    what: "the stub's oom_score_adj".into(),
+                    source,
+                },
+            )
+        })?;
         Ok(stub)
     }
 
@@ -169,15 +326,31 @@ impl PtraceStub {
         self.insn = at;
         self.scratch = at + page;
         self.helper = (at, at + len);
-        self.raw(0, libc::SYS_munmap, [0, at, 0, 0, 0, 0])
-            .map_err(|e| call_cause("unmap below the helper", e))?;
+        let mut keep = vec![self.helper];
+        keep.extend(self.warm);
+        keep.sort_unstable();
         let top = crate::image::format::TASK_SIZE;
-        self.raw(
-            0,
-            libc::SYS_munmap,
-            [at + len, top - (at + len), 0, 0, 0, 0],
-        )
-        .map_err(|e| call_cause("unmap above the helper", e))?;
+        let mut from = 0;
+        for &(s, e) in keep.iter().chain(std::iter::once(&(top, top))) {
+            if s > from {
+                self.raw(0, libc::SYS_munmap, [from, s - from, 0, 0, 0, 0])
+                    .map_err(|e| call_cause("unmap everything but the helper", e))?;
+            }
+            from = e;
+        }
+        if let Some((ws, we)) = self.warm {
+            // Out of the image's way (its mappings go where they were).
+            if avoid.iter().any(|&(s, e)| s < we && ws < e) {
+                let mut taken: Vec<(u64, u64)> = avoid.iter().copied().chain(keep).collect();
+                taken.sort_unstable();
+                let to = pick_free(&taken, we - ws, 1 << 30)
+                    .ok_or_else(|| RestoreCause::Refused("no room for the warm memory".into()))?;
+                let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+                self.raw(0, libc::SYS_mremap, [ws, we - ws, we - ws, flags, to, 0])
+                    .map_err(|e| call_cause("move the warm memory aside", e))?;
+                self.warm = Some((to, to + (we - ws)));
+            }
+        }
         Ok(())
     }
 
@@ -289,6 +462,18 @@ fn encode(call: &Call<'_>, s: u64) -> (i64, [u64; 6], Vec<u8>) {
         Call::Madvise { addr, len, advice } => {
             (libc::SYS_madvise, [addr, len, sx(advice), 0, 0, 0], vec![])
         }
+        Call::Mremap { from, len, to } => (
+            libc::SYS_mremap,
+            [
+                from,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                to,
+                0,
+            ],
+            vec![],
+        ),
         Call::Mlock { addr, len } => (libc::SYS_mlock, [addr, len, 0, 0, 0, 0], vec![]),
         Call::MapVdso { addr } => (
             libc::SYS_arch_prctl,
@@ -575,6 +760,10 @@ impl Target for PtraceStub {
         Ok((crate::sys::xsave::xfeatures(&x).unwrap_or(0), x.len()))
     }
 
+    fn take_warm(&mut self) -> Option<(u64, u64)> {
+        self.warm.take()
+    }
+
     fn vdso_block(&mut self) -> Result<Option<vdso::VdsoBlock>, CallError> {
         let maps = procfs::maps(self.pid).map_err(|e| CallError::Ptrace(format!("maps: {e}")))?;
         Ok(vdso::find(&maps))
@@ -583,6 +772,9 @@ impl Target for PtraceStub {
     fn finish(&mut self, states: &[ThreadState<'_>]) -> Result<(), CallError> {
         let (start, end) = self.helper;
         self.raw(0, libc::SYS_munmap, [start, end - start, 0, 0, 0, 0])?;
+        if let Some((s, e)) = self.warm.take() {
+            self.raw(0, libc::SYS_munmap, [s, e - s, 0, 0, 0, 0])?;
+        }
         for (&tid, st) in self.threads.iter().zip(states) {
             let mut regs = st.regs;
             regs[reg::ORIG_RAX] = u64::MAX;

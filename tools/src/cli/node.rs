@@ -58,6 +58,12 @@ pub struct Args {
     /// survives a crash of any migfs daemon but not of the machine.
     #[arg(long, env = "MIGFS_FSYNC_BLOCKS")]
     fsync_blocks: bool,
+    /// Warm memory for incoming eager moves, in MiB (0: none). The node
+    /// keeps that much anonymous memory allocated in a sleeping child, so
+    /// that a moved process's pages land in memory the kernel has already
+    /// found and zeroed. It is RAM held while idle.
+    #[arg(long, env = "MIGFS_WARM_MEMORY", default_value_t = 0)]
+    warm_memory: u64,
 }
 
 /// Runs the node.
@@ -70,6 +76,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let agent_secret = secret.clone();
     let meta_url = a.meta.clone();
+    let warm_bytes = a
+        .warm_memory
+        .checked_mul(1 << 20)
+        .context("--warm-memory is too large")?;
     let cfg = NodeConfig {
         name: a.name,
         meta_url: a.meta,
@@ -101,7 +111,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .context("start the async runtime")?;
     rt.block_on(run_node(
         cfg,
-        Some(agent_hook(meta_url, agent_secret)),
+        Some(agent_hook(meta_url, agent_secret, warm_bytes)),
         crate::cli::shutdown_signal(),
     ))
     .context("node failed")?;
@@ -110,7 +120,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
 /// Starts the migration agent beside the block service: on the node's
 /// address for other agents, on `<data>/agent.sock` for local clients.
-fn agent_hook(meta_url: String, secret: migfs_proto::auth::Secret) -> ServicesHook {
+fn agent_hook(
+    meta_url: String,
+    secret: migfs_proto::auth::Secret,
+    warm_bytes: u64,
+) -> ServicesHook {
     Box::new(move |id, routes| {
         let cfg = AgentConfig {
             name: id.name.clone(),
@@ -120,6 +134,7 @@ fn agent_hook(meta_url: String, secret: migfs_proto::auth::Secret) -> ServicesHo
             work: id.data.join("agent"),
             meta_url,
             secret,
+            warm_bytes,
         };
         let socket = id.data.join("agent.sock");
         let mut info = vec![(NODE_KEY.to_owned(), id.name.clone())];
