@@ -895,6 +895,33 @@ fn a_stream_copy_lands_in_warm_memory_and_keeps_its_holes() {
 }
 
 #[test]
+fn warm_memory_far_larger_than_the_process_stays_in_the_pool() {
+    if !require() {
+        return;
+    }
+    let pool = WarmPool::start(256 << 20).expect("start the pool");
+    let holder = warm_holder(&pool);
+    let hpid = holder.pid();
+    let l = Lazy::new(8);
+    let source = Arc::clone(&l.source);
+    let (copy, _, warm) = stream_copy(
+        &l,
+        Some(holder),
+        |_| source,
+        |_| panic!("this origin sends from outside"),
+    )
+    .expect("restore without warm memory");
+    assert_eq!(warm, 0);
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    // The same holder is ready again; no other was made.
+    let again = warm_holder(&pool);
+    assert_eq!(again.pid(), hpid);
+    assert_eq!(pool.made(), 1);
+}
+
+#[test]
 fn a_dead_warm_holder_gives_way_to_a_fresh_stub() {
     if !require() {
         return;

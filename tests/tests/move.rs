@@ -799,6 +799,50 @@ fn patterned_memory_moves_in_every_mode() {
     c.exec_ok("n1", &["kill", "-9", &pid.to_string()]);
 }
 
+fn log_count(c: &Cluster, node: &str, what: &str) -> usize {
+    fs::read_to_string(c.log(node))
+        .unwrap_or_default()
+        .matches(what)
+        .count()
+}
+
+/// With warm memory on the nodes (`MIGFS_WARM_MEMORY`), 256 MiB of
+/// patterned memory moves eagerly n1 -> n2 -> n1 into the memory each
+/// target kept allocated, intact; each target makes its next holder.
+#[test]
+fn eager_moves_land_in_the_targets_warm_memory() {
+    if !require_priv() || !have_gcc() {
+        return;
+    }
+    let c = Cluster::up_with_env(2, &[("MIGFS_WARM_MEMORY", "320")]);
+    for n in ["n1", "n2"] {
+        assert!(
+            within(60_000, || log_count(&c, n, "warm memory ready") >= 1),
+            "{n} made no warm memory"
+        );
+    }
+    let bin = prog("ckpt_bigmem", false);
+    let pid = start_on(&c, "n1", &[bin.to_str().unwrap(), "/migfs/warm.txt", "256"]);
+    let text = || fs::read_to_string(c.path("n1", "warm.txt")).unwrap_or_default();
+    assert!(within(60_000, || text().contains("filled")), "not filled");
+    let r = move_json(&c, "n1", &pid.to_string(), "n2", &["--eager"]);
+    assert_eq!(log_count(&c, "n2", "placed in warm memory"), 1);
+    assert!(
+        within(60_000, || log_count(&c, "n2", "warm memory ready") >= 2),
+        "n2 made no new holder after the move"
+    );
+    let r = move_json(&c, "n2", &pid_of(&r).to_string(), "n1", &["--eager"]);
+    assert_eq!(log_count(&c, "n1", "placed in warm memory"), 1);
+    let pid = pid_of(&r);
+    c.exec_ok("n1", &["kill", "-USR1", &pid.to_string()]);
+    assert!(
+        within(60_000, || text().contains("verified")),
+        "no verification"
+    );
+    assert!(text().contains("verified ok"), "{}", text());
+    c.exec_ok("n1", &["kill", "-9", &pid.to_string()]);
+}
+
 /// python3 with a million-entry dict, writing its progress to /migfs,
 /// finishes with the right result and every step once after 8 moves.
 #[test]

@@ -30,6 +30,7 @@ use migfs_proto::meta::{NodeLoad, ReportLoadRequest, TaskListRequest, TaskLoad, 
 use nix::unistd::Pid;
 
 use super::Inner;
+use crate::restore::warm::WarmPool;
 use crate::sys::procfs;
 
 /// Time between two reports.
@@ -237,12 +238,15 @@ async fn report_loop(weak: Weak<Inner>, mut sampler: Sampler) {
         tick.tick().await;
         let Some(inner) = weak.upgrade() else { return };
         let tasks = local_tasks(&inner).await;
+        // Warm memory is there for the next move in: available.
+        let warm = inner.warm.as_ref().map_or(0, WarmPool::ready_bytes);
         let sampled = tokio::task::spawn_blocking(move || {
             let snap = snapshot(own);
+            let (total, avail) = meminfo();
             let cx = Context {
                 at: Instant::now(),
                 tasks: &tasks,
-                mem: meminfo(),
+                mem: (total, avail.saturating_add(warm).min(total)),
             };
             let load = sampler.advance(snap, &cx);
             (sampler, load)

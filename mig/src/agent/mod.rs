@@ -424,7 +424,12 @@ impl AgentRpc for AgentService {
         req: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareReply>, Status> {
         agents_only(&req)?;
-        Ok(Response::new(target::prepare(&req.into_inner())))
+        let warm = self
+            .inner
+            .warm
+            .as_ref()
+            .map_or(0, crate::restore::warm::WarmPool::ready_bytes);
+        Ok(Response::new(target::prepare(&req.into_inner(), warm)))
     }
 
     async fn receive(

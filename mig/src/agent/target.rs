@@ -27,16 +27,18 @@ use crate::restore::stream::StreamFill;
 use crate::restore::warm::WarmPool;
 use crate::restore::{Extras, RestoreOptions};
 
-/// Whether this node can take a process described by `r`; the reason if not.
-pub fn prepare(r: &pb::PrepareRequest) -> pb::PrepareReply {
-    let refused = match why_not(r) {
+/// Whether this node can take a process described by `r`; the reason if
+/// not. `warm` is memory this node holds ready for a move (counted as
+/// available).
+pub fn prepare(r: &pb::PrepareRequest, warm: u64) -> pb::PrepareReply {
+    let refused = match why_not(r, warm) {
         Ok(()) => String::new(),
         Err(why) => why,
     };
     pb::PrepareReply { refused }
 }
 
-fn why_not(r: &pb::PrepareRequest) -> Result<(), String> {
+fn why_not(r: &pb::PrepareRequest, warm: u64) -> Result<(), String> {
     if r.arch != std::env::consts::ARCH {
         return Err(format!(
             "architecture {} here, {} there",
@@ -68,7 +70,7 @@ fn why_not(r: &pb::PrepareRequest) -> Result<(), String> {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })
-        .map_or(u64::MAX, |kb| kb * 1024);
+        .map_or(u64::MAX, |kb| (kb * 1024).saturating_add(warm));
     if r.memory_bytes > avail {
         return Err(format!(
             "not enough memory: the process uses {} MiB, {} MiB available",

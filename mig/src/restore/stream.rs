@@ -122,6 +122,22 @@ pub fn fill<T: Target>(t: &mut T, img: &Image, mut s: StreamFill) -> Result<Fill
     })
 }
 
+/// Whether a lazy mapping can be replaced by warm memory: private, and
+/// not a stack (a moved-in piece would not grow down).
+fn takes_warm(v: &Vma) -> bool {
+    v.lazy && !v.shared && !v.vm_flags.iter().any(|f| f == "gd")
+}
+
+/// Bytes of the mappings of `img` that warm memory could back.
+pub fn warm_need(img: &Image) -> u64 {
+    img.mm
+        .iter()
+        .flat_map(|m| &m.vmas)
+        .filter(|v| takes_warm(v))
+        .map(|v| v.end - v.start)
+        .sum()
+}
+
 /// Replaces each lazy mapping the stub's warm memory has room for with a
 /// piece of it; returns the mappings replaced. What is left of the warm
 /// memory is unmapped.
@@ -131,11 +147,7 @@ fn place_warm<T: Target>(t: &mut T, vmas: &[&Vma]) -> Result<Vec<(u64, u64)>, Re
     };
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     let mut placed = Vec::new();
-    // Not a stack: a moved-in piece would not grow down.
-    for v in vmas
-        .iter()
-        .filter(|v| !v.shared && !v.vm_flags.iter().any(|f| f == "gd"))
-    {
+    for v in vmas.iter().filter(|v| takes_warm(v)) {
         let len = v.end - v.start;
         if end - at < len {
             continue;

@@ -22,8 +22,8 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -36,7 +36,7 @@ const CHECK: Duration = Duration::from_secs(1);
 /// How long the pool waits after a holder failed before the next try.
 const BACKOFF: Duration = Duration::from_secs(5);
 
-/// A holder with its memory allocated, not yet taken by a restore.
+/// A holder with its memory allocated, not yet used by a restore.
 #[derive(Debug)]
 pub struct Warm {
     pid: Pid,
@@ -44,6 +44,9 @@ pub struct Warm {
     len: u64,
     /// Whether a restore made it its stub (it is gone then).
     consumed: bool,
+    /// The pool it was taken from: told when it is used, given back or
+    /// ended, so that it makes the next one only then.
+    taken_from: Option<Weak<Shared>>,
 }
 
 impl Warm {
@@ -60,7 +63,45 @@ impl Warm {
     /// The restore took it: it has ended the holder itself.
     pub fn consume(mut self) {
         self.consumed = true;
+        self.settle(None);
     }
+
+    /// Not used, untouched: back to its pool as the ready holder (ended
+    /// when the pool is gone).
+    pub fn give_back(mut self) {
+        let back = Warm {
+            pid: self.pid,
+            addr: self.addr,
+            len: self.len,
+            consumed: false,
+            taken_from: None,
+        };
+        self.consumed = true;
+        self.settle(Some(back));
+    }
+
+    /// Tells the pool it was taken from that it is settled: `back` ready
+    /// again, or gone.
+    fn settle(&mut self, back: Option<Warm>) {
+        let Some(pool) = self.taken_from.take().and_then(|w| w.upgrade()) else {
+            return;
+        };
+        let mut slot = pool.slot.lock();
+        slot.out = false;
+        if !slot.stop {
+            slot.ready = back;
+        }
+        drop(slot);
+        pool.changed.notify_all();
+    }
+}
+
+/// Whether warm memory of `len` bytes is worth using for mappings of
+/// `need` bytes: what of it is left over is freed while the process is
+/// stopped, at about a fifth of what allocating as much costs; a holder
+/// over three times the need costs more than it saves.
+pub fn worth(need: u64, len: u64) -> bool {
+    need > 0 && need.saturating_mul(3) >= len
 }
 
 impl Drop for Warm {
@@ -68,6 +109,7 @@ impl Drop for Warm {
         if !self.consumed {
             let _ = crate::sys::task::kill(self.pid, libc::SIGKILL);
             let _ = ptrace::wait(self.pid);
+            self.settle(None);
         }
     }
 }
@@ -77,6 +119,9 @@ struct Slot {
     ready: Option<Warm>,
     /// The holder being made (killed on stop).
     filling: Option<Pid>,
+    /// A holder is out with a restore: the next is made once it is used
+    /// or ended, not while it may come back.
+    out: bool,
     stop: bool,
 }
 
@@ -126,11 +171,14 @@ impl WarmPool {
         })
     }
 
-    /// The ready holder, if there is one; the pool starts the next.
+    /// The ready holder, if there is one. The pool makes the next once
+    /// this one is used or ended ([`Warm::give_back`] returns it).
     pub fn take(&self) -> Option<Warm> {
-        let w = self.shared.slot.lock().ready.take();
-        self.shared.changed.notify_all();
-        w
+        let mut slot = self.shared.slot.lock();
+        let mut w = slot.ready.take()?;
+        slot.out = true;
+        w.taken_from = Some(Arc::downgrade(&self.shared));
+        Some(w)
     }
 
     /// Bytes of warm memory ready now (0 while a holder is being made).
@@ -193,14 +241,17 @@ fn keep_ready(s: &Shared) {
                     .as_ref()
                     .map(|w| !matches!(ptrace::wait_until(w.pid, Instant::now()), Ok(None)));
                 match dead {
-                    None => break,
+                    None if !slot.out => break,
+                    None => {
+                        s.changed.wait_for(&mut slot, CHECK);
+                    }
                     // Killed (by the OOM killer, say): reaped, then replaced.
                     Some(true) => {
                         if let Some(mut w) = slot.ready.take() {
                             tracing::warn!(pid = w.pid.as_raw(), "the warm-memory holder died");
                             w.consumed = true;
                         }
-                        break;
+                        continue;
                     }
                     Some(false) => {
                         s.changed.wait_for(&mut slot, CHECK);
@@ -260,6 +311,7 @@ fn make_holder(s: &Shared) -> Result<Warm, String> {
         addr: 0,
         len: s.bytes,
         consumed: false,
+        taken_from: None,
     };
     let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000");
     let word = read_word(r).map_err(|e| format!("holder {pid}: {e}"))?;
