@@ -25,7 +25,7 @@ use migfs_mig::freeze::{self, Frozen};
 use migfs_mig::pages::wire::{Incoming, Link, Origin, PageServer};
 use migfs_mig::pages::{self, LazyConfig, LazyPages, PageFetch, PageSource, Tracker};
 use migfs_mig::restore::stream::StreamFill;
-use migfs_mig::restore::warm::{Warm, WarmPool};
+use migfs_mig::restore::warm::{Warm, WarmPool, WarmTake};
 use migfs_mig::restore::{self, Extras, RestoreOptions};
 use migfs_mig::sys::uffd;
 use nix::sys::signal::{Signal, kill};
@@ -672,7 +672,7 @@ fn fds(pid: Pid) -> Vec<String> {
 /// the stub counted and the bytes placed from warm memory.
 fn stream_copy(
     l: &Lazy,
-    warm: Option<Warm>,
+    warm: Option<WarmTake>,
     origin: impl FnOnce(std::sync::mpsc::Sender<Handed>) -> Arc<dyn Origin>,
     serve: impl Fn(Handed),
 ) -> Result<(Proc, u64, u64), String> {
@@ -829,13 +829,24 @@ fn rss_anon(pid: Pid) -> u64 {
     kb << 10
 }
 
-/// A holder of the pool, once it has its memory.
-fn warm_holder(pool: &WarmPool) -> Warm {
+/// The pool once every holder has its memory.
+fn ready(pool: WarmPool) -> Arc<WarmPool> {
     assert!(
         pool.wait_ready(Duration::from_secs(60)),
         "no warm memory after 60 s"
     );
-    pool.take().expect("a ready holder")
+    Arc::new(pool)
+}
+
+/// Warm memory from `pool`, as the agent asks for it.
+fn from_pool(pool: &Arc<WarmPool>) -> Option<WarmTake> {
+    let pool = Arc::clone(pool);
+    Some(Box::new(move |need| pool.take_for(need)))
+}
+
+/// Exactly `w`, whatever the need.
+fn this(w: Warm) -> Option<WarmTake> {
+    Some(Box::new(move |_| Some(w)))
 }
 
 #[test]
@@ -843,25 +854,28 @@ fn a_stream_copy_lands_in_warm_memory_and_keeps_its_holes() {
     if !require() {
         return;
     }
-    let pool = WarmPool::start(128 << 20).expect("start the pool");
-    let holder = warm_holder(&pool);
-    let hpid = holder.pid();
+    // Holders of 128, 64, 32, 16 and 16 MiB: the process (a 64 MiB
+    // region and a little more) takes the 128 MiB one.
+    let pool = ready(WarmPool::start(256 << 20).expect("start the pool"));
+    assert_eq!(
+        pool.sizes(),
+        [128, 64, 32, 16, 16].map(|m: u64| m << 20).to_vec()
+    );
     let l = Lazy::sparse(64);
     let before = rss_anon(l.orig.pid());
     let source = Arc::clone(&l.source);
     let (copy, counted, warm) = stream_copy(
         &l,
-        Some(holder),
+        from_pool(&pool),
         |_| source,
         |_| panic!("this origin sends from outside"),
     )
     .expect("restore into warm memory");
-    // Both mappings of the region (64 MiB) came from the holder, which is
-    // gone; the pool makes the next one.
-    assert!(warm >= 64 << 20, "only {warm} bytes were placed warm");
+    // Both mappings of the region came from the holder, the 128 MiB one
+    // (no other holds 64 MiB).
     assert!(
-        !Path::new(&format!("/proc/{hpid}")).exists(),
-        "the holder {hpid} is still there"
+        (64 << 20..=128 << 20).contains(&warm),
+        "{warm} bytes were placed warm"
     );
     let quarter = (64 << 20) / PAGE / 4;
     assert!(
@@ -889,36 +903,34 @@ fn a_stream_copy_lands_in_warm_memory_and_keeps_its_holes() {
     assert_eq!(wait_line(&l.out, "moved", WAIT_MS), "moved ok");
     copy.signal(Signal::SIGUSR1);
     assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
-    let next = warm_holder(&pool);
-    assert_ne!(next.pid(), hpid);
-    assert_eq!(pool.made(), 2);
+    // The pool made a new 128 MiB holder, and only that one.
+    assert!(pool.wait_ready(Duration::from_secs(60)));
+    assert_eq!(pool.made(), 6);
 }
 
 #[test]
-fn warm_memory_far_larger_than_the_process_stays_in_the_pool() {
+fn a_small_process_takes_the_smallest_holder_that_fits() {
     if !require() {
         return;
     }
-    let pool = WarmPool::start(256 << 20).expect("start the pool");
-    let holder = warm_holder(&pool);
-    let hpid = holder.pid();
+    let pool = ready(WarmPool::start(256 << 20).expect("start the pool"));
     let l = Lazy::new(8);
     let source = Arc::clone(&l.source);
     let (copy, _, warm) = stream_copy(
         &l,
-        Some(holder),
+        from_pool(&pool),
         |_| source,
         |_| panic!("this origin sends from outside"),
     )
-    .expect("restore without warm memory");
-    assert_eq!(warm, 0);
+    .expect("restore into warm memory");
+    // A 16 MiB holder: no more was placed.
+    assert!(
+        (8 << 20..=16 << 20).contains(&warm),
+        "{warm} bytes were placed warm"
+    );
     copy.signal(Signal::SIGUSR1);
     let line = wait_line(&l.out, "verified", WAIT_MS);
     assert!(line.starts_with("verified ok"), "{line}");
-    // The same holder is ready again; no other was made.
-    let again = warm_holder(&pool);
-    assert_eq!(again.pid(), hpid);
-    assert_eq!(pool.made(), 1);
 }
 
 #[test]
@@ -926,14 +938,14 @@ fn a_dead_warm_holder_gives_way_to_a_fresh_stub() {
     if !require() {
         return;
     }
-    let pool = WarmPool::start(16 << 20).expect("start the pool");
-    let holder = warm_holder(&pool);
+    let pool = ready(WarmPool::start(16 << 20).expect("start the pool"));
+    let holder = pool.take_for(16 << 20).expect("the holder");
     kill(holder.pid(), Signal::SIGKILL).unwrap();
     let l = Lazy::new(8);
     let source = Arc::clone(&l.source);
     let (copy, _, warm) = stream_copy(
         &l,
-        Some(holder),
+        this(holder),
         |_| source,
         |_| panic!("this origin sends from outside"),
     )
@@ -942,6 +954,9 @@ fn a_dead_warm_holder_gives_way_to_a_fresh_stub() {
     copy.signal(Signal::SIGUSR1);
     let line = wait_line(&l.out, "verified", WAIT_MS);
     assert!(line.starts_with("verified ok"), "{line}");
+    // The pool replaces it.
+    assert!(pool.wait_ready(Duration::from_secs(60)));
+    assert_eq!(pool.made(), 2);
 }
 
 #[test]

@@ -806,18 +806,35 @@ fn log_count(c: &Cluster, node: &str, what: &str) -> usize {
         .count()
 }
 
-/// With warm memory on the nodes (`MIGFS_WARM_MEMORY`), 256 MiB of
-/// patterned memory moves eagerly n1 -> n2 -> n1 into the memory each
-/// target kept allocated, intact; each target makes its next holder.
+/// The MiB of the last "placed in warm memory" line of `node`'s log.
+fn placed_mib(c: &Cluster, node: &str) -> u64 {
+    let log = fs::read_to_string(c.log(node)).unwrap_or_default();
+    log.lines()
+        .rfind(|l| l.contains("placed in warm memory"))
+        .and_then(|l| {
+            l.split("mib=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// With warm memory on the nodes (`MIGFS_WARM_MEMORY`: holders of 320,
+/// 160, ... MiB), 256 MiB of patterned memory moves eagerly n1 -> n2 ->
+/// n1 into the memory each target kept allocated, intact; each target
+/// replaces the holder it used.
 #[test]
 fn eager_moves_land_in_the_targets_warm_memory() {
     if !require_priv() || !have_gcc() {
         return;
     }
-    let c = Cluster::up_with_env(2, &[("MIGFS_WARM_MEMORY", "320")]);
+    let c = Cluster::up_with_env(2, &[("MIGFS_WARM_MEMORY", "640")]);
     for n in ["n1", "n2"] {
         assert!(
-            within(60_000, || log_count(&c, n, "warm memory ready") >= 1),
+            within(60_000, || log_count(&c, n, "all warm memory ready") >= 1),
             "{n} made no warm memory"
         );
     }
@@ -827,12 +844,14 @@ fn eager_moves_land_in_the_targets_warm_memory() {
     assert!(within(60_000, || text().contains("filled")), "not filled");
     let r = move_json(&c, "n1", &pid.to_string(), "n2", &["--eager"]);
     assert_eq!(log_count(&c, "n2", "placed in warm memory"), 1);
+    assert!(placed_mib(&c, "n2") >= 256, "not all of it was placed warm");
     assert!(
-        within(60_000, || log_count(&c, "n2", "warm memory ready") >= 2),
-        "n2 made no new holder after the move"
+        within(60_000, || log_count(&c, "n2", "all warm memory ready") >= 2),
+        "n2 did not replace the holder the move used"
     );
     let r = move_json(&c, "n2", &pid_of(&r).to_string(), "n1", &["--eager"]);
     assert_eq!(log_count(&c, "n1", "placed in warm memory"), 1);
+    assert!(placed_mib(&c, "n1") >= 256, "not all of it was placed warm");
     let pid = pid_of(&r);
     c.exec_ok("n1", &["kill", "-USR1", &pid.to_string()]);
     assert!(

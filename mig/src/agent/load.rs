@@ -239,7 +239,7 @@ async fn report_loop(weak: Weak<Inner>, mut sampler: Sampler) {
         let Some(inner) = weak.upgrade() else { return };
         let tasks = local_tasks(&inner).await;
         // Warm memory is there for the next move in: available.
-        let warm = inner.warm.as_ref().map_or(0, WarmPool::ready_bytes);
+        let warm = inner.warm.as_deref().map_or(0, WarmPool::ready_bytes);
         let sampled = tokio::task::spawn_blocking(move || {
             let snap = snapshot(own);
             let (total, avail) = meminfo();

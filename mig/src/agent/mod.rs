@@ -146,7 +146,7 @@ pub(crate) struct Inner {
     /// Stdin relays of the tasks running here, by task id.
     pub(crate) stdins: Arc<stdin::Relays>,
     /// Memory kept allocated for eager moves to this node.
-    pub(crate) warm: Option<crate::restore::warm::WarmPool>,
+    pub(crate) warm: Option<Arc<crate::restore::warm::WarmPool>>,
     next_move: AtomicU64,
 }
 
@@ -226,10 +226,9 @@ impl Agent {
         let meta = MetaClient::with_interceptor(ch, Present(cfg.secret.clone()));
         let warm = match cfg.warm_bytes {
             0 => None,
-            n => Some(
-                crate::restore::warm::WarmPool::start(n)
-                    .map_err(|e| AgentError::Invalid(format!("start the warm-memory pool: {e}")))?,
-            ),
+            n => Some(Arc::new(crate::restore::warm::WarmPool::start(n).map_err(
+                |e| AgentError::Invalid(format!("start the warm-memory pool: {e}")),
+            )?)),
         };
         let agent = Agent {
             inner: Arc::new(Inner {
@@ -427,7 +426,7 @@ impl AgentRpc for AgentService {
         let warm = self
             .inner
             .warm
-            .as_ref()
+            .as_deref()
             .map_or(0, crate::restore::warm::WarmPool::ready_bytes);
         Ok(Response::new(target::prepare(&req.into_inner(), warm)))
     }

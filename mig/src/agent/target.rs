@@ -24,7 +24,7 @@ use crate::pages::Store;
 use crate::pages::wire::{self, Link};
 use crate::pages::{LazyConfig, LazyPages, PageFetch};
 use crate::restore::stream::StreamFill;
-use crate::restore::warm::WarmPool;
+use crate::restore::warm::WarmTake;
 use crate::restore::{Extras, RestoreOptions};
 
 /// Whether this node can take a process described by `r`; the reason if
@@ -304,7 +304,10 @@ fn rebuild(
             Ok(pull) => Some(StreamFill {
                 pull,
                 pages: Arc::clone(&preloaded),
-                warm: inner.warm.as_ref().and_then(WarmPool::take),
+                warm: inner
+                    .warm
+                    .clone()
+                    .map(|pool| -> WarmTake { Box::new(move |need| pool.take_for(need)) }),
             }),
             Err(e) => {
                 give_back(&inner, session, to_pid, held);

@@ -147,21 +147,11 @@ fn restore_resolved(
         .collect();
     let old = image.process.as_ref().map_or(0, |p| p.pid);
     let pin = pin::Pin::here();
-    let warm = extras.stream.as_mut().and_then(|s| s.warm.take());
-    let warm = warm.and_then(|w| {
-        let need = stream::warm_need(image);
-        if warm::worth(need, w.region().1) {
-            Some(w)
-        } else {
-            tracing::debug!(
-                need_mib = need >> 20,
-                warm_mib = w.region().1 >> 20,
-                "the warm memory does not fit this process; it stays ready"
-            );
-            w.give_back();
-            None
-        }
-    });
+    let warm = extras
+        .stream
+        .as_mut()
+        .and_then(|s| s.warm.take())
+        .and_then(|take| take(stream::warm_need(image)));
     let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid, warm)?;
     if let Some(p) = &pin {
         p.join(stub.pid());

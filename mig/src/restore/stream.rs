@@ -42,8 +42,9 @@ pub struct StreamFill {
     pub pull: Incoming,
     /// Set to the pages received.
     pub pages: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Memory the node allocated ahead, to receive into.
-    pub warm: Option<super::warm::Warm>,
+    /// Memory the node allocated ahead, to receive into: asked for with
+    /// the bytes of mappings it could back ([`warm_need`]).
+    pub warm: Option<super::warm::WarmTake>,
 }
 
 impl std::fmt::Debug for StreamFill {

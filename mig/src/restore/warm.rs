@@ -36,6 +36,10 @@ const CHECK: Duration = Duration::from_secs(1);
 /// How long the pool waits after a holder failed before the next try.
 const BACKOFF: Duration = Duration::from_secs(5);
 
+/// How a restore gets warm memory: called with the bytes of mappings it
+/// could back; the holder to use, if any.
+pub type WarmTake = Box<dyn FnOnce(u64) -> Option<Warm> + Send>;
+
 /// A holder with its memory allocated, not yet used by a restore.
 #[derive(Debug)]
 pub struct Warm {
@@ -44,9 +48,9 @@ pub struct Warm {
     len: u64,
     /// Whether a restore made it its stub (it is gone then).
     consumed: bool,
-    /// The pool it was taken from: told when it is used, given back or
-    /// ended, so that it makes the next one only then.
-    taken_from: Option<Weak<Shared>>,
+    /// The pool and slot it was taken from: told when it is used or
+    /// ended, so that the pool makes the next one only then.
+    taken_from: Option<(Weak<Shared>, usize)>,
 }
 
 impl Warm {
@@ -63,45 +67,18 @@ impl Warm {
     /// The restore took it: it has ended the holder itself.
     pub fn consume(mut self) {
         self.consumed = true;
-        self.settle(None);
+        self.settle();
     }
 
-    /// Not used, untouched: back to its pool as the ready holder (ended
-    /// when the pool is gone).
-    pub fn give_back(mut self) {
-        let back = Warm {
-            pid: self.pid,
-            addr: self.addr,
-            len: self.len,
-            consumed: false,
-            taken_from: None,
-        };
-        self.consumed = true;
-        self.settle(Some(back));
-    }
-
-    /// Tells the pool it was taken from that it is settled: `back` ready
-    /// again, or gone.
-    fn settle(&mut self, back: Option<Warm>) {
-        let Some(pool) = self.taken_from.take().and_then(|w| w.upgrade()) else {
+    /// Tells the pool it was taken from that it is gone.
+    fn settle(&mut self) {
+        let Some((pool, i)) = self.taken_from.take() else {
             return;
         };
-        let mut slot = pool.slot.lock();
-        slot.out = false;
-        if !slot.stop {
-            slot.ready = back;
-        }
-        drop(slot);
+        let Some(pool) = pool.upgrade() else { return };
+        pool.state.lock().slots[i].out = false;
         pool.changed.notify_all();
     }
-}
-
-/// Whether warm memory of `len` bytes is worth using for mappings of
-/// `need` bytes: what of it is left over is freed while the process is
-/// stopped, at about a fifth of what allocating as much costs; a holder
-/// over three times the need costs more than it saves.
-pub fn worth(need: u64, len: u64) -> bool {
-    need > 0 && need.saturating_mul(3) >= len
 }
 
 impl Drop for Warm {
@@ -109,31 +86,81 @@ impl Drop for Warm {
         if !self.consumed {
             let _ = crate::sys::task::kill(self.pid, libc::SIGKILL);
             let _ = ptrace::wait(self.pid);
-            self.settle(None);
+            self.settle();
         }
     }
 }
 
-#[derive(Default)]
+/// The sizes of the holders of a pool of `bytes`: half of it, a quarter,
+/// an eighth and so on down to [`SMALLEST`], the last one taking what is
+/// left, so that a move finds a holder less than twice its size (down to
+/// the smallest) and little is freed while the process is stopped.
+pub fn ladder(bytes: u64, page: u64) -> Vec<u64> {
+    let round = |b: u64| b.div_ceil(page) * page;
+    if bytes <= 2 * SMALLEST {
+        return vec![round(bytes)];
+    }
+    let mut sizes = Vec::new();
+    let mut left = bytes;
+    let mut next = bytes / 2;
+    while next >= SMALLEST && left - next >= SMALLEST {
+        sizes.push(round(next));
+        left -= next;
+        next /= 2;
+    }
+    sizes.push(round(left));
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    sizes
+}
+
+/// The smallest holder of a ladder.
+const SMALLEST: u64 = 16 << 20;
+
+/// Which of holders of sizes `lens` (in ladder order, `None` for one not
+/// ready) mappings of `need` bytes should use: the smallest that holds
+/// them all, else the largest (the mappings that fit use it). None when
+/// none is ready or what would be left over is over three times the
+/// need: what is left is freed while the process is stopped, at a fraction
+/// of what allocating as much costs.
+pub fn pick(lens: &[Option<u64>], need: u64) -> Option<usize> {
+    if need == 0 {
+        return None;
+    }
+    let ready = lens
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| Some((i, (*l)?)));
+    let fits = ready
+        .clone()
+        .filter(|&(_, l)| l >= need)
+        .min_by_key(|&(_, l)| l);
+    let (i, len) = fits.or_else(|| ready.max_by_key(|&(_, l)| l))?;
+    (len.saturating_sub(need) <= need.saturating_mul(3)).then_some(i)
+}
+
 struct Slot {
+    size: u64,
     ready: Option<Warm>,
+    /// Its holder is out with a restore: the next is made once it is used
+    /// or ended.
+    out: bool,
+}
+
+struct State {
+    slots: Vec<Slot>,
     /// The holder being made (killed on stop).
     filling: Option<Pid>,
-    /// A holder is out with a restore: the next is made once it is used
-    /// or ended, not while it may come back.
-    out: bool,
     stop: bool,
 }
 
 struct Shared {
-    bytes: u64,
-    slot: Mutex<Slot>,
+    state: Mutex<State>,
     changed: Condvar,
     /// Holders made, for the node's counters.
     made: AtomicU64,
 }
 
-/// Keeps one holder of `bytes` of warm memory ready.
+/// Keeps holders of warm memory ready: a ladder of sizes ([`ladder`]).
 pub struct WarmPool {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -142,20 +169,29 @@ pub struct WarmPool {
 impl std::fmt::Debug for WarmPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WarmPool")
-            .field("bytes", &self.shared.bytes)
             .field("ready", &self.ready_bytes())
             .finish_non_exhaustive()
     }
 }
 
 impl WarmPool {
-    /// Starts the pool thread, which makes the first holder at once.
+    /// Starts the pool thread, which makes the holders at once, the
+    /// largest first.
     pub fn start(bytes: u64) -> std::io::Result<WarmPool> {
-        let page = crate::sys::page_size();
-        let bytes = bytes.div_ceil(page) * page;
+        let slots = ladder(bytes, crate::sys::page_size())
+            .into_iter()
+            .map(|size| Slot {
+                size,
+                ready: None,
+                out: false,
+            })
+            .collect();
         let shared = Arc::new(Shared {
-            bytes,
-            slot: Mutex::new(Slot::default()),
+            state: Mutex::new(State {
+                slots,
+                filling: None,
+                stop: false,
+            }),
             changed: Condvar::new(),
             made: AtomicU64::new(0),
         });
@@ -171,19 +207,43 @@ impl WarmPool {
         })
     }
 
-    /// The ready holder, if there is one. The pool makes the next once
-    /// this one is used or ended ([`Warm::give_back`] returns it).
-    pub fn take(&self) -> Option<Warm> {
-        let mut slot = self.shared.slot.lock();
+    /// The holder for mappings of `need` bytes ([`pick`]), if one is ready
+    /// and worth it. The pool makes its replacement once it is used or
+    /// ended.
+    pub fn take_for(&self, need: u64) -> Option<Warm> {
+        let mut st = self.shared.state.lock();
+        let lens: Vec<Option<u64>> = st
+            .slots
+            .iter()
+            .map(|s| s.ready.as_ref().map(|w| w.len))
+            .collect();
+        let i = pick(&lens, need)?;
+        let slot = &mut st.slots[i];
         let mut w = slot.ready.take()?;
         slot.out = true;
-        w.taken_from = Some(Arc::downgrade(&self.shared));
+        w.taken_from = Some((Arc::downgrade(&self.shared), i));
         Some(w)
     }
 
-    /// Bytes of warm memory ready now (0 while a holder is being made).
+    /// Bytes of warm memory ready now.
     pub fn ready_bytes(&self) -> u64 {
-        self.shared.slot.lock().ready.as_ref().map_or(0, |w| w.len)
+        let st = self.shared.state.lock();
+        st.slots
+            .iter()
+            .filter_map(|s| s.ready.as_ref())
+            .map(|w| w.len)
+            .sum()
+    }
+
+    /// The sizes of its holders, largest first.
+    pub fn sizes(&self) -> Vec<u64> {
+        self.shared
+            .state
+            .lock()
+            .slots
+            .iter()
+            .map(|s| s.size)
+            .collect()
     }
 
     /// Holders made so far.
@@ -191,35 +251,37 @@ impl WarmPool {
         self.shared.made.load(Ordering::Relaxed)
     }
 
-    /// Waits until a holder is ready or `timeout` passes; returns whether
-    /// one is.
+    /// Waits until every holder is ready or `timeout` passes; returns
+    /// whether they are.
     pub fn wait_ready(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut slot = self.shared.slot.lock();
-        while slot.ready.is_none() && !slot.stop {
+        let mut st = self.shared.state.lock();
+        let all = |st: &State| st.slots.iter().all(|s| s.ready.is_some());
+        while !all(&st) && !st.stop {
             if self
                 .shared
                 .changed
-                .wait_until(&mut slot, deadline)
+                .wait_until(&mut st, deadline)
                 .timed_out()
             {
                 break;
             }
         }
-        slot.ready.is_some()
+        all(&st)
     }
 }
 
 impl Drop for WarmPool {
     fn drop(&mut self) {
-        {
-            let mut slot = self.shared.slot.lock();
-            slot.stop = true;
-            if let Some(pid) = slot.filling {
+        let ready: Vec<Warm> = {
+            let mut st = self.shared.state.lock();
+            st.stop = true;
+            if let Some(pid) = st.filling {
                 let _ = crate::sys::task::kill(pid, libc::SIGKILL);
             }
-            slot.ready = None;
-        }
+            st.slots.iter_mut().filter_map(|s| s.ready.take()).collect()
+        };
+        drop(ready);
         self.shared.changed.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -227,40 +289,39 @@ impl Drop for WarmPool {
     }
 }
 
-/// The pool thread: make a holder whenever none is ready.
+/// The pool thread: make a holder for each slot without one.
 fn keep_ready(s: &Shared) {
     loop {
-        {
-            let mut slot = s.slot.lock();
+        let (i, size) = {
+            let mut st = s.state.lock();
             loop {
-                if slot.stop {
+                if st.stop {
                     return;
                 }
-                let dead = slot
-                    .ready
-                    .as_ref()
-                    .map(|w| !matches!(ptrace::wait_until(w.pid, Instant::now()), Ok(None)));
-                match dead {
-                    None if !slot.out => break,
+                // Killed (by the OOM killer, say): reaped, then replaced.
+                for slot in &mut st.slots {
+                    let dead = slot.ready.as_ref().is_some_and(|w| {
+                        !matches!(ptrace::wait_until(w.pid, Instant::now()), Ok(None))
+                    });
+                    if dead && let Some(mut w) = slot.ready.take() {
+                        tracing::warn!(pid = w.pid.as_raw(), "a warm-memory holder died");
+                        w.consumed = true;
+                    }
+                }
+                let empty = st
+                    .slots
+                    .iter()
+                    .position(|slot| slot.ready.is_none() && !slot.out);
+                match empty {
+                    Some(i) => break (i, st.slots[i].size),
                     None => {
-                        s.changed.wait_for(&mut slot, CHECK);
-                    }
-                    // Killed (by the OOM killer, say): reaped, then replaced.
-                    Some(true) => {
-                        if let Some(mut w) = slot.ready.take() {
-                            tracing::warn!(pid = w.pid.as_raw(), "the warm-memory holder died");
-                            w.consumed = true;
-                        }
-                        continue;
-                    }
-                    Some(false) => {
-                        s.changed.wait_for(&mut slot, CHECK);
+                        s.changed.wait_for(&mut st, CHECK);
                     }
                 }
             }
-        }
+        };
         let t0 = Instant::now();
-        match make_holder(s) {
+        match make_holder(s, size) {
             Ok(w) => {
                 tracing::info!(
                     pid = w.pid.as_raw(),
@@ -269,39 +330,44 @@ fn keep_ready(s: &Shared) {
                     "warm memory ready"
                 );
                 s.made.fetch_add(1, Ordering::Relaxed);
-                let mut slot = s.slot.lock();
-                slot.filling = None;
-                if slot.stop {
+                let mut st = s.state.lock();
+                st.filling = None;
+                if st.stop {
+                    drop(st);
+                    drop(w);
                     return;
                 }
-                slot.ready = Some(w);
-                drop(slot);
+                st.slots[i].ready = Some(w);
+                if st.slots.iter().all(|s| s.ready.is_some()) {
+                    let total: u64 = st.slots.iter().map(|s| s.size).sum();
+                    tracing::info!(mib = total >> 20, "all warm memory ready");
+                }
+                drop(st);
                 s.changed.notify_all();
             }
             Err(e) => {
-                tracing::warn!(error = %e, mib = s.bytes >> 20, "no warm memory");
-                let mut slot = s.slot.lock();
-                slot.filling = None;
-                if !slot.stop {
-                    s.changed.wait_for(&mut slot, BACKOFF);
+                tracing::warn!(error = %e, mib = size >> 20, "no warm memory");
+                let mut st = s.state.lock();
+                st.filling = None;
+                if !st.stop {
+                    s.changed.wait_for(&mut st, BACKOFF);
                 }
             }
         }
     }
 }
 
-/// Forks a holder and waits until its memory is allocated.
-fn make_holder(s: &Shared) -> Result<Warm, String> {
+/// Forks a holder of `size` bytes and waits until its memory is allocated.
+fn make_holder(s: &Shared, size: u64) -> Result<Warm, String> {
     let (r, w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let pid = {
-        let mut slot = s.slot.lock();
-        if slot.stop {
+        let mut st = s.state.lock();
+        if st.stop {
             return Err("the pool is stopping".into());
         }
-        let pid =
-            clone3::spawn_holder(s.bytes, w.as_raw_fd()).map_err(|e| format!("clone3: {e}"))?;
-        slot.filling = Some(pid);
+        let pid = clone3::spawn_holder(size, w.as_raw_fd()).map_err(|e| format!("clone3: {e}"))?;
+        st.filling = Some(pid);
         pid
     };
     drop(w);
@@ -309,7 +375,7 @@ fn make_holder(s: &Shared) -> Result<Warm, String> {
     let mut held = Warm {
         pid,
         addr: 0,
-        len: s.bytes,
+        len: size,
         consumed: false,
         taken_from: None,
     };
@@ -318,7 +384,7 @@ fn make_holder(s: &Shared) -> Result<Warm, String> {
     if word < 0 {
         return Err(format!(
             "holder {pid} could not allocate {} MiB: {}",
-            s.bytes >> 20,
+            size >> 20,
             nix::errno::Errno::from_raw(i32::try_from(-word).unwrap_or(libc::EINVAL))
         ));
     }
@@ -337,4 +403,39 @@ fn read_word(r: OwnedFd) -> std::io::Result<i64> {
 pub fn own_oom_score_adj() -> String {
     std::fs::read_to_string("/proc/self/oom_score_adj")
         .map_or_else(|_| "0".into(), |s| s.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ladder, pick};
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_ladder_halves_down_to_the_smallest_and_adds_up() {
+        let l = ladder(4400 * MIB, 4096);
+        assert_eq!(l[0], 2200 * MIB);
+        assert_eq!(l[1], 1100 * MIB);
+        assert_eq!(l.iter().sum::<u64>(), 4400 * MIB);
+        assert!(l.iter().all(|&b| b >= 16 * MIB));
+        assert!(l.windows(2).all(|w| w[0] >= w[1]));
+        assert_eq!(ladder(20 * MIB, 4096), vec![20 * MIB]);
+        assert_eq!(ladder(1, 4096), vec![4096]);
+    }
+
+    #[test]
+    fn the_smallest_holder_that_fits_is_picked() {
+        let lens = [Some(2048 * MIB), Some(1024 * MIB), None, Some(256 * MIB)];
+        assert_eq!(pick(&lens, 1000 * MIB), Some(1));
+        assert_eq!(pick(&lens, 1025 * MIB), Some(0));
+        // The 512 MiB one is not ready: the next that fits.
+        assert_eq!(pick(&lens, 300 * MIB), Some(1));
+        assert_eq!(pick(&lens, 100 * MIB), Some(3));
+        // Over three times the need left over: not worth it.
+        assert_eq!(pick(&lens, 10 * MIB), None);
+        // Larger than all: the largest, for what fits.
+        assert_eq!(pick(&lens, 3000 * MIB), Some(0));
+        assert_eq!(pick(&lens, 0), None);
+        assert_eq!(pick(&[None, None], 100 * MIB), None);
+    }
 }

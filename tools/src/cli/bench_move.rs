@@ -38,8 +38,8 @@ pub struct MoveArgs {
     #[arg(long, default_value_t = 1024)]
     readall: u64,
     /// Warm memory of each node, in MiB (`migfs node --warm-memory`; 0:
-    /// none). Eager moves of processes whose mappings fit land in it;
-    /// each eager row waits until n2 has made its next holder.
+    /// none; its largest holder is half of it). Eager moves land in it;
+    /// each row waits until n2 has replaced what the row before used.
     #[arg(long, default_value_t = 0)]
     warm_memory: u64,
     /// Cluster directory (default: a new one under /tmp, removed after).
@@ -72,12 +72,13 @@ impl Testbed {
         c
     }
 
-    /// Whether `node` has warm memory ready (from its log: it has made
-    /// more holders than moves have used).
+    /// Whether all of `node`'s warm memory is ready (from its log: it was
+    /// complete more often than moves have used some).
     fn warm_ready(&self, node: &str) -> bool {
         let log = crate::cluster::state::logs_dir(&self.dir).join(format!("{node}.log"));
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        text.matches("warm memory ready").count() > text.matches("placed in warm memory").count()
+        text.matches("all warm memory ready").count()
+            > text.matches("placed in warm memory").count()
     }
 
     fn cluster(&self, args: &[&str]) -> anyhow::Result<String> {
