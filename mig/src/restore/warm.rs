@@ -118,24 +118,20 @@ const SMALLEST: u64 = 16 << 20;
 
 /// Which of holders of sizes `lens` (in ladder order, `None` for one not
 /// ready) mappings of `need` bytes should use: the smallest that holds
-/// them all, else the largest (the mappings that fit use it). None when
-/// none is ready or what would be left over is over three times the
-/// need: what is left is freed while the process is stopped, at a fraction
-/// of what allocating as much costs.
+/// them all. None when none is ready and large enough, or when what would
+/// be left over is over three times the need: what is left is freed while
+/// the process is stopped, at a fraction of what allocating as much costs.
 pub fn pick(lens: &[Option<u64>], need: u64) -> Option<usize> {
     if need == 0 {
         return None;
     }
-    let ready = lens
+    let (i, len) = lens
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| Some((i, (*l)?)));
-    let fits = ready
-        .clone()
+        .filter_map(|(i, l)| Some((i, (*l)?)))
         .filter(|&(_, l)| l >= need)
-        .min_by_key(|&(_, l)| l);
-    let (i, len) = fits.or_else(|| ready.max_by_key(|&(_, l)| l))?;
-    (len.saturating_sub(need) <= need.saturating_mul(3)).then_some(i)
+        .min_by_key(|&(_, l)| l)?;
+    (len - need <= need.saturating_mul(3)).then_some(i)
 }
 
 struct Slot {
@@ -433,8 +429,8 @@ mod tests {
         assert_eq!(pick(&lens, 100 * MIB), Some(3));
         // Over three times the need left over: not worth it.
         assert_eq!(pick(&lens, 10 * MIB), None);
-        // Larger than all: the largest, for what fits.
-        assert_eq!(pick(&lens, 3000 * MIB), Some(0));
+        // Larger than all: fresh memory.
+        assert_eq!(pick(&lens, 3000 * MIB), None);
         assert_eq!(pick(&lens, 0), None);
         assert_eq!(pick(&[None, None], 100 * MIB), None);
     }
