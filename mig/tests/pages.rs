@@ -829,6 +829,17 @@ fn rss_anon(pid: Pid) -> u64 {
     kb << 10
 }
 
+/// [`stream_copy`] of `l` with its pages read from outside it.
+fn outside_copy(l: &Lazy, warm: Option<WarmTake>) -> Result<(Proc, u64, u64), String> {
+    let source = Arc::clone(&l.source);
+    stream_copy(
+        l,
+        warm,
+        |_| source,
+        |_| panic!("this origin sends from outside"),
+    )
+}
+
 /// The pool once every holder has its memory.
 fn ready(pool: WarmPool) -> Arc<WarmPool> {
     assert!(
@@ -863,14 +874,8 @@ fn a_stream_copy_lands_in_warm_memory_and_keeps_its_holes() {
     );
     let l = Lazy::sparse(64);
     let before = rss_anon(l.orig.pid());
-    let source = Arc::clone(&l.source);
-    let (copy, counted, warm) = stream_copy(
-        &l,
-        from_pool(&pool),
-        |_| source,
-        |_| panic!("this origin sends from outside"),
-    )
-    .expect("restore into warm memory");
+    let (copy, counted, warm) =
+        outside_copy(&l, from_pool(&pool)).expect("restore into warm memory");
     // Both mappings of the region came from the holder, the 128 MiB one
     // (no other holds 64 MiB).
     assert!(
@@ -915,14 +920,7 @@ fn a_small_process_takes_the_smallest_holder_that_fits() {
     }
     let pool = ready(WarmPool::start(256 << 20).expect("start the pool"));
     let l = Lazy::new(8);
-    let source = Arc::clone(&l.source);
-    let (copy, _, warm) = stream_copy(
-        &l,
-        from_pool(&pool),
-        |_| source,
-        |_| panic!("this origin sends from outside"),
-    )
-    .expect("restore into warm memory");
+    let (copy, _, warm) = outside_copy(&l, from_pool(&pool)).expect("restore into warm memory");
     // A 16 MiB holder: no more was placed.
     assert!(
         (8 << 20..=16 << 20).contains(&warm),
@@ -934,6 +932,37 @@ fn a_small_process_takes_the_smallest_holder_that_fits() {
 }
 
 #[test]
+fn a_holder_keeps_none_of_its_parents_memory() {
+    if !require() {
+        return;
+    }
+    // 64 MiB of this process's own, touched before the fork.
+    let mine = vec![7u8; 64 << 20];
+    let pool = ready(WarmPool::start(16 << 20).expect("start the pool"));
+    let holder = pool.take_for(16 << 20).expect("the holder");
+    let rss = rss_anon(holder.pid());
+    assert!(
+        rss >= 16 << 20 && rss < 20 << 20,
+        "the holder has {} KiB of anonymous memory for 16 MiB",
+        rss >> 10
+    );
+    let at = mine.as_ptr() as u64;
+    let maps = fs::read_to_string(format!("/proc/{}/maps", holder.pid())).unwrap();
+    assert!(
+        !maps.lines().any(|l| {
+            let (s, e) = l.split_once(' ').unwrap().0.split_once('-').unwrap();
+            let (s, e) = (
+                u64::from_str_radix(s, 16).unwrap(),
+                u64::from_str_radix(e, 16).unwrap(),
+            );
+            (s..e).contains(&at)
+        }),
+        "the holder still maps the parent's heap:\n{maps}"
+    );
+    drop(mine);
+}
+
+#[test]
 fn a_dead_warm_holder_gives_way_to_a_fresh_stub() {
     if !require() {
         return;
@@ -942,14 +971,7 @@ fn a_dead_warm_holder_gives_way_to_a_fresh_stub() {
     let holder = pool.take_for(16 << 20).expect("the holder");
     kill(holder.pid(), Signal::SIGKILL).unwrap();
     let l = Lazy::new(8);
-    let source = Arc::clone(&l.source);
-    let (copy, _, warm) = stream_copy(
-        &l,
-        this(holder),
-        |_| source,
-        |_| panic!("this origin sends from outside"),
-    )
-    .expect("restore without the dead holder");
+    let (copy, _, warm) = outside_copy(&l, this(holder)).expect("restore without the dead holder");
     assert_eq!(warm, 0);
     copy.signal(Signal::SIGUSR1);
     let line = wait_line(&l.out, "verified", WAIT_MS);

@@ -84,19 +84,7 @@ pub fn fill<T: Target>(t: &mut T, img: &Image, mut s: StreamFill) -> Result<Fill
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     let readonly: Vec<_> = vmas.iter().filter(|v| v.prot & rw != rw).collect();
     for v in &readonly {
-        let len = v.end - v.start;
-        t.call(
-            0,
-            &Call::Mprotect {
-                addr: v.start,
-                len,
-                prot: v.prot | rw,
-            },
-        )
-        .map_err(call_failed(format!(
-            "mprotect {:#x}-{:#x} for the fill",
-            v.start, v.end
-        )))?;
+        writable_for_fill(t, v)?;
     }
     let warm = place_warm(t, &vmas)?;
     let fd = take_socket(t, &s.pull)?;
@@ -121,6 +109,25 @@ pub fn fill<T: Target>(t: &mut T, img: &Image, mut s: StreamFill) -> Result<Fill
         bytes,
         warm: crate::pages::ranges::total(&warm),
     })
+}
+
+/// Makes `v` readable and writable (with its own protection besides)
+/// until the fill is done.
+fn writable_for_fill<T: Target>(t: &mut T, v: &Vma) -> Result<(), RestoreError> {
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+    t.call(
+        0,
+        &Call::Mprotect {
+            addr: v.start,
+            len: v.end - v.start,
+            prot: v.prot | rw,
+        },
+    )
+    .map_err(call_failed(format!(
+        "mprotect {:#x}-{:#x} for the fill",
+        v.start, v.end
+    )))?;
+    Ok(())
 }
 
 /// Whether a lazy mapping can be replaced by warm memory: private, and
@@ -166,18 +173,7 @@ fn place_warm<T: Target>(t: &mut T, vmas: &[&Vma]) -> Result<Vec<(u64, u64)>, Re
             v.start, v.end
         )))?;
         if v.prot | rw != rw {
-            t.call(
-                0,
-                &Call::Mprotect {
-                    addr: v.start,
-                    len,
-                    prot: v.prot | rw,
-                },
-            )
-            .map_err(call_failed(format!(
-                "mprotect {:#x}-{:#x} for the fill",
-                v.start, v.end
-            )))?;
+            writable_for_fill(t, v)?;
         }
         at += len;
         placed.push((v.start, v.end));

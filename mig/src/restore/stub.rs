@@ -35,6 +35,18 @@ pub struct PtraceStub {
     done: bool,
 }
 
+/// Waits for `pid`'s event stop (after PTRACE_INTERRUPT, or a new
+/// clone's first stop); anything else fails the stub's creation.
+fn wait_event(pid: Pid, who: &str) -> Result<(), RestoreError> {
+    match ptrace::wait(pid).map_err(sys(Step::CreateStub, &format!("waitpid {who}")))? {
+        ptrace::Stop::Event { .. } => Ok(()),
+        other => Err(RestoreError::new(
+            Step::CreateStub,
+            RestoreCause::Refused(format!("{who} stopped with {other:?}")),
+        )),
+    }
+}
+
 fn sys(step: Step, what: &str) -> impl FnOnce(Errno) -> RestoreError + '_ {
     move |errno| {
         RestoreError::new(
@@ -100,15 +112,7 @@ impl PtraceStub {
         ptrace::seize(pid, abi::PTRACE_O_EXITKILL | abi::PTRACE_O_TRACECLONE)
             .map_err(sys(Step::CreateStub, "PTRACE_SEIZE"))?;
         ptrace::interrupt(pid).map_err(sys(Step::CreateStub, "PTRACE_INTERRUPT"))?;
-        match ptrace::wait(pid).map_err(sys(Step::CreateStub, "waitpid"))? {
-            ptrace::Stop::Event { .. } => {}
-            other => {
-                return Err(RestoreError::new(
-                    Step::CreateStub,
-                    RestoreCause::Refused(format!("the stub stopped with {other:?}")),
-                ));
-            }
-        }
+        wait_event(pid, "the stub")?;
         stub.prepare(avoid)
             .map_err(|e| RestoreError::new(Step::PrepareStub, e))?;
         Ok(stub)
@@ -133,15 +137,7 @@ impl PtraceStub {
         // From here the holder is traced by this thread: `w`'s drop (on
         // any error) kills it and collects it.
         ptrace::interrupt(holder).map_err(err("PTRACE_INTERRUPT the holder"))?;
-        match ptrace::wait(holder).map_err(err("waitpid the holder"))? {
-            ptrace::Stop::Event { .. } => {}
-            other => {
-                return Err(RestoreError::new(
-                    Step::CreateStub,
-                    RestoreCause::Refused(format!("the warm-memory holder stopped with {other:?}")),
-                ));
-            }
-        }
+        wait_event(holder, "the warm-memory holder")?;
         let maps = procfs::maps(holder).map_err(|source| {
             RestoreError::new(
                 Step::CreateStub,
@@ -215,15 +211,7 @@ impl PtraceStub {
             warm: Some((scratch, scratch + len)),
             done: false,
         };
-        match ptrace::wait(pid).map_err(err("waitpid the stub"))? {
-            ptrace::Stop::Event { .. } => {}
-            other => {
-                return Err(RestoreError::new(
-                    Step::CreateStub,
-                    RestoreCause::Refused(format!("the stub stopped with {other:?}")),
-                ));
-            }
-        }
+        wait_event(pid, "the stub")?;
         mem::write_vm(holder, scratch, &[0u8; 136]).map_err(err("zero clone_args"))?;
         // The holder goes; the stub is the address space's only user.
         let _ = crate::sys::task::kill(holder, libc::SIGKILL);

@@ -89,25 +89,106 @@ fn holder_main(parent: libc::pid_t, len: u64, ready: std::os::fd::RawFd) -> ! {
             libc::_exit(1);
         }
         libc::setsid();
+        // The copy of the node's memory would stay shared with it (and be
+        // copied as the node writes to it): gone, but for the stack this
+        // runs on (its thread's TLS is there too). System calls only from
+        // here.
+        let here = 0u8;
+        drop_private_memory((&raw const here) as u64);
         let len = usize::try_from(len).unwrap_or(usize::MAX);
-        let p = libc::mmap(
-            std::ptr::null_mut(),
+        let p = libc::syscall(
+            libc::SYS_mmap,
+            0usize,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
-            0,
+            0usize,
         );
-        let word: i64 =
-            if p == libc::MAP_FAILED || libc::madvise(p, len, libc::MADV_POPULATE_WRITE) != 0 {
-                -i64::from(*libc::__errno_location())
-            } else {
-                p as i64
-            };
-        libc::write(ready, (&raw const word).cast(), 8);
-        libc::close(ready);
+        let word: i64 = if p == -1
+            || libc::syscall(libc::SYS_madvise, p, len, libc::MADV_POPULATE_WRITE) != 0
+        {
+            -i64::from(*libc::__errno_location())
+        } else {
+            p
+        };
+        libc::syscall(libc::SYS_write, ready, &raw const word, 8usize);
+        libc::syscall(libc::SYS_close, ready);
         loop {
-            libc::pause();
+            libc::syscall(libc::SYS_pause);
         }
+    }
+}
+
+/// Unmaps every writable private mapping of this process but the one
+/// holding `keep` (the stack the caller runs on): what a fork of the node
+/// shares with it. Reads `/proc/self/maps` into a stack buffer and parses
+/// it by hand: system calls only.
+///
+/// # Safety
+///
+/// Only in a forked child that makes nothing but system calls afterwards:
+/// its heap, globals and the other threads' stacks are gone.
+unsafe fn drop_private_memory(keep: u64) {
+    const MAX: usize = 1024;
+    let mut ranges = [(0u64, 0u64); MAX];
+    let mut n = 0;
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    // Per line: start, '-', end, ' ', perms (4 bytes); the rest skipped.
+    let (mut field, mut start, mut end, mut perm, mut pi) = (0u8, 0u64, 0u64, [0u8; 4], 0);
+    loop {
+        // SAFETY: `buf` is ours and as long as the read.
+        let k = unsafe { libc::syscall(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) };
+        if k <= 0 {
+            break;
+        }
+        for &b in &buf[..usize::try_from(k).unwrap_or(0)] {
+            match (field, b) {
+                (_, b'\n') => {
+                    let private_rw = perm[1] == b'w' && perm[3] == b'p';
+                    if private_rw && !(start..end).contains(&keep) && n < MAX {
+                        ranges[n] = (start, end);
+                        n += 1;
+                    }
+                    (field, start, end, perm, pi) = (0, 0, 0, [0; 4], 0);
+                }
+                (0, b'-') => field = 1,
+                (1, b' ') => field = 2,
+                (0 | 1, _) => {
+                    let d = match b {
+                        b'0'..=b'9' => b - b'0',
+                        b'a'..=b'f' => b - b'a' + 10,
+                        _ => 0,
+                    };
+                    let v = if field == 0 { &mut start } else { &mut end };
+                    *v = (*v << 4) | u64::from(d);
+                }
+                (2, b' ') => field = 3,
+                (2, _) if pi < 4 => {
+                    perm[pi] = b;
+                    pi += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    // SAFETY: our descriptor.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+    for &(s, e) in &ranges[..n] {
+        // SAFETY: not the stack this runs on; the caller touches nothing
+        // else of this process's memory afterwards.
+        unsafe { libc::syscall(libc::SYS_munmap, s, e - s) };
     }
 }
