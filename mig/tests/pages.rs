@@ -942,7 +942,7 @@ fn a_holder_keeps_none_of_its_parents_memory() {
     let holder = pool.take_for(16 << 20).expect("the holder");
     let rss = rss_anon(holder.pid());
     assert!(
-        rss >= 16 << 20 && rss < 20 << 20,
+        (16 << 20..20 << 20).contains(&rss),
         "the holder has {} KiB of anonymous memory for 16 MiB",
         rss >> 10
     );
