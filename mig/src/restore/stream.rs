@@ -18,7 +18,9 @@
 //! whole by a piece of it (`mremap`: allocated pages, moved, not
 //! copied); runs inside those mappings are received without allocating,
 //! and the pages no run filled are given back (`MADV_DONTNEED`) after the
-//! last one, so the process's memory stays as sparse as it was. Allocating fresh 4 KiB pages costs more than receiving into
+//! last one, so the process's memory stays as sparse as it was.
+//!
+//! Allocating fresh 4 KiB pages costs more than receiving into
 //! them on the 2-vCPU test VM (~0.55 s per GiB against ~0.3 s); allocating
 //! them on another thread (zeros written with `process_vm_writev`, one
 //! piece ahead of the receive) was measured no faster there, both CPUs

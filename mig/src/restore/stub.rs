@@ -333,8 +333,12 @@ impl PtraceStub {
                 taken.sort_unstable();
                 let to = pick_free(&taken, we - ws, 1 << 30)
                     .ok_or_else(|| RestoreCause::Refused("no room for the warm memory".into()))?;
-                let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-                self.raw(0, libc::SYS_mremap, [ws, we - ws, we - ws, flags, to, 0])
+                let moved = Call::Mremap {
+                    from: ws,
+                    len: we - ws,
+                    to,
+                };
+                self.call(0, &moved)
                     .map_err(|e| call_cause("move the warm memory aside", e))?;
                 self.warm = Some((to, to + (we - ws)));
             }

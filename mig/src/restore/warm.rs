@@ -1,20 +1,21 @@
 //! Warm memory: anonymous memory a node allocates before a move needs
 //! it, so that an eager move's pages land in memory that is already
 //! there instead of memory the kernel must find and zero under the copy
-//! (on the 2-vCPU test VM that allocation costs about as much as
-//! sending the bytes).
+//! (on the 2-vCPU test VM that allocation costs as much as sending the
+//! bytes, or far more).
 //!
-//! The pool keeps one *holder* ready: a child of the node that mapped
-//! `bytes` of private anonymous memory and allocated every page of it
-//! (`MADV_POPULATE_WRITE`), then sleeps. A restore takes it
-//! ([`WarmPool::take`]) and makes it the stub: it seizes the holder,
+//! The pool keeps a ladder of *holders* ready ([`ladder`]): children of
+//! the node that dropped the node's memory they inherited, mapped their
+//! size of private anonymous memory, allocated every page of it
+//! (`MADV_POPULATE_WRITE`) and sleep. A restore takes the one that fits
+//! ([`WarmPool::take_for`]) and makes it the stub: it seizes the holder,
 //! has it `clone3` a process that shares its address space (`CLONE_VM`,
 //! with the wanted PID, `CLONE_PARENT` so that the node is its parent),
 //! and kills the holder. The new process owns the address space and its
 //! memory alone; it is emptied like a fresh stub except for the warm
 //! region, whose pages the stream fill moves under the process's
 //! mappings with `mremap` (page tables move, no page is copied; see
-//! [`super::stream`]). The pool thread then makes the next holder.
+//! [`super::stream`]). The pool thread then makes the holder again.
 //!
 //! A holder has `oom_score_adj` 1000: under memory pressure the kernel
 //! kills it before anything else; the pool notices and makes a new one.
@@ -31,7 +32,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::sys::{clone3, ptrace};
 
-/// How often the pool checks that its holder is still alive.
+/// How often the pool checks that its holders are still alive.
 const CHECK: Duration = Duration::from_secs(1);
 /// How long the pool waits after a holder failed before the next try.
 const BACKOFF: Duration = Duration::from_secs(5);
@@ -92,7 +93,7 @@ impl Drop for Warm {
 }
 
 /// The sizes of the holders of a pool of `bytes`: half of it, a quarter,
-/// an eighth and so on down to [`SMALLEST`], the last one taking what is
+/// an eighth and so on down to 16 MiB, the last one taking what is
 /// left, so that a move finds a holder less than twice its size (down to
 /// the smallest) and little is freed while the process is stopped.
 pub fn ladder(bytes: u64, page: u64) -> Vec<u64> {

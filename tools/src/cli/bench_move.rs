@@ -99,12 +99,7 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        let _ = Command::new(&self.exe)
-            .arg("cluster")
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("down")
-            .output();
+        let _ = self.command(&["down"]).output();
     }
 }
 
