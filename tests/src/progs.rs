@@ -147,9 +147,11 @@ pub fn assert_shared_counter(log: &Path, map: &Path) {
     }
     let word = fs::read(map).expect("the mapped file");
     let in_file = u64::from_ne_bytes(word[..8].try_into().expect("8 bytes"));
-    assert_eq!(
-        Some(in_file),
-        v.last().copied(),
-        "the file does not see the writes through the mapping"
+    // The program increments the word and then logs it, so a stop that
+    // falls between the two leaves the file one ahead of the log.
+    let last = v.last().copied().expect("the log has lines");
+    assert!(
+        in_file == last || in_file == last + 1,
+        "the file does not see the writes through the mapping: it holds {in_file}, the log ends at {last}"
     );
 }
