@@ -394,9 +394,18 @@ impl Lazy {
     /// Restores the copy with `fetch`; the copy's guard, its lazy pages,
     /// and how long the restore took.
     fn restore(&self, fetch: Arc<dyn PageFetch>) -> Result<(Proc, LazyPages, Duration), String> {
+        self.restore_staged(fetch, None)
+    }
+
+    /// [`Lazy::restore`] staging its pages in `warm`.
+    fn restore_staged(
+        &self,
+        fetch: Arc<dyn PageFetch>,
+        warm: Option<WarmTake>,
+    ) -> Result<(Proc, LazyPages, Duration), String> {
         let t = Instant::now();
         let extras = Extras {
-            lazy: Some(LazyConfig { fetch }),
+            lazy: Some(LazyConfig { fetch, warm }),
             ..Extras::default()
         };
         let mut r = restore::restore_with(
@@ -979,6 +988,123 @@ fn a_dead_warm_holder_gives_way_to_a_fresh_stub() {
     // The pool replaces it.
     assert!(pool.wait_ready(Duration::from_secs(60)));
     assert_eq!(pool.made(), 2);
+}
+
+/// The mappings of `pid` as (start, end).
+fn mappings(pid: Pid) -> Vec<(u64, u64)> {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (s, e) = l.split_once(' ').unwrap().0.split_once('-').unwrap();
+            (
+                u64::from_str_radix(s, 16).unwrap(),
+                u64::from_str_radix(e, 16).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_lazy_copy_stages_its_pages_in_warm_memory_and_keeps_no_trace_of_it() {
+    if !require() {
+        return;
+    }
+    // Holders of 128, 64, 32, 16 and 16 MiB: the lazy memory (the 64 MiB
+    // region and a little more) is staged in the 128 MiB one.
+    let pool = ready(WarmPool::start(256 << 20).expect("start the pool"));
+    let l = Lazy::new(64);
+    let before = rss_anon(l.orig.pid());
+    let (copy, lazy, _) = l
+        .restore_staged(SourceFetch::new(&l.source), from_pool(&pool))
+        .expect("restore");
+    let staged = lazy.staging_bytes();
+    assert_eq!(staged, 128 << 20, "staging area of {staged} bytes");
+    // The area is mapped in the copy while memory is lazy.
+    let extra: Vec<(u64, u64)> = mappings(copy.pid())
+        .into_iter()
+        .filter(|(s, e)| e - s == staged)
+        .collect();
+    assert_eq!(extra.len(), 1, "{extra:x?}");
+    // A child forked now does not get it (and gets its pages).
+    copy.signal(Signal::SIGWINCH);
+    assert_eq!(wait_line(&l.out, "child", WAIT_MS), "child ok");
+    let (pushed, _) = l.push_all(&lazy);
+    assert!(pushed > 0);
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.finish();
+    assert!(st.error.is_none(), "{st:?}");
+    // Nearly every page came by a move, not a copy.
+    let want = (64 << 20) / PAGE;
+    assert!(
+        st.staged_pages >= want && st.staged_pages <= st.installed_pages + st.demand_pages,
+        "{st:?}"
+    );
+    // Gone: the area, its pages, the holder, the userfaultfd.
+    assert!(
+        !mappings(copy.pid()).contains(&extra[0]),
+        "the staging area is still mapped"
+    );
+    let after = rss_anon(copy.pid());
+    assert!(
+        after <= before + (2 << 20),
+        "the copy holds {} KiB of anonymous memory, the original {} KiB",
+        after >> 10,
+        before >> 10
+    );
+    assert!(!has_uffd(copy.pid) && !has_uffd_ranges(copy.pid));
+    // It runs on: more memory, a mremap, a fork, all checked.
+    copy.signal(Signal::SIGHUP);
+    assert_eq!(wait_line(&l.out, "alloc", WAIT_MS), "alloc ok");
+    copy.signal(Signal::SIGALRM);
+    assert_eq!(wait_line(&l.out, "moved", WAIT_MS), "moved ok");
+    copy.signal(Signal::SIGWINCH);
+    assert_eq!(wait_nth(&l.out, "child", 2, WAIT_MS), "child ok");
+    copy.signal(Signal::SIGUSR1);
+    assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+    // The holder was replaced, and only that one.
+    assert!(pool.wait_ready(Duration::from_secs(60)));
+    assert_eq!(pool.made(), 6);
+}
+
+#[test]
+fn a_staging_holder_killed_midway_leaves_the_pages_to_be_copied() {
+    if !require() {
+        return;
+    }
+    let pool = ready(WarmPool::start(128 << 20).expect("start the pool"));
+    let holder = pool.take_for(64 << 20).expect("the 64 MiB holder");
+    let hpid = holder.pid();
+    let l = Lazy::new(32);
+    let (copy, lazy, _) = l
+        .restore_staged(SourceFetch::new(&l.source), this(holder))
+        .expect("restore");
+    assert_eq!(lazy.staging_bytes(), 64 << 20);
+    // Half of it is pushed through staging, then its holder dies.
+    let runs = pages::chunks(&l.source.present().unwrap(), 4 << 20);
+    let half = runs.len() / 2;
+    for &(s, e) in &runs[..half] {
+        let mut buf = vec![0u8; usize::try_from(e - s).unwrap()];
+        l.source.read(s, &mut buf).unwrap();
+        lazy.install(s, &buf).unwrap();
+    }
+    let staged = lazy.stats().staged_pages;
+    assert!(staged > 0, "{:?}", lazy.stats());
+    kill(hpid, Signal::SIGKILL).unwrap();
+    let (rest, _) = l.push_all(&lazy);
+    assert!(rest > 0);
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.finish();
+    assert!(st.error.is_none(), "{st:?}");
+    assert_eq!(
+        st.staged_pages, staged,
+        "nothing is staged after the holder died"
+    );
+    assert!(!has_uffd(copy.pid));
 }
 
 #[test]

@@ -828,6 +828,42 @@ fn placed_mib(c: &Cluster, node: &str) -> u64 {
 /// replaces the holder it used.
 #[test]
 fn eager_moves_land_in_the_targets_warm_memory() {
+    there_and_back_through_warm_memory("--eager", |c, n| {
+        assert!(
+            placed_mib(c, n) >= 256,
+            "not all of it was placed warm on {n}"
+        );
+    });
+}
+
+/// The same with lazy moves: each target stages the pages it is sent in
+/// its warm memory and moves them into place (`UFFDIO_MOVE`).
+#[test]
+fn lazy_moves_stage_their_pages_in_the_targets_warm_memory() {
+    there_and_back_through_warm_memory("--lazy", |c, n| {
+        let log = fs::read_to_string(c.log(n)).unwrap_or_default();
+        let staged: u64 = log
+            .lines()
+            .rfind(|l| l.contains("pages pulled"))
+            .and_then(|l| {
+                l.split("staged=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0);
+        assert!(
+            staged >= (256 << 20) / 4096,
+            "{n} moved {staged} pages in from warm memory"
+        );
+    });
+}
+
+/// A 256 MiB `ckpt_bigmem` moved n1 -> n2 -> n1 with `flag`, the nodes
+/// keeping warm memory; `check` looks at each target's log afterwards.
+fn there_and_back_through_warm_memory(flag: &str, check: impl Fn(&Cluster, &str)) {
     if !require_priv() || !have_gcc() {
         return;
     }
@@ -842,16 +878,26 @@ fn eager_moves_land_in_the_targets_warm_memory() {
     let pid = start_on(&c, "n1", &[bin.to_str().unwrap(), "/migfs/warm.txt", "256"]);
     let text = || fs::read_to_string(c.path("n1", "warm.txt")).unwrap_or_default();
     assert!(within(60_000, || text().contains("filled")), "not filled");
-    let r = move_json(&c, "n1", &pid.to_string(), "n2", &["--eager"]);
+    let r = move_json(&c, "n1", &pid.to_string(), "n2", &[flag]);
+    assert!(
+        within(30_000, || log_count(&c, "n2", "pages pulled") >= 1
+            || flag == "--eager"),
+        "n2 never had every page"
+    );
     assert_eq!(log_count(&c, "n2", "placed in warm memory"), 1);
-    assert!(placed_mib(&c, "n2") >= 256, "not all of it was placed warm");
+    check(&c, "n2");
     assert!(
         within(60_000, || log_count(&c, "n2", "all warm memory ready") >= 2),
         "n2 did not replace the holder the move used"
     );
-    let r = move_json(&c, "n2", &pid_of(&r).to_string(), "n1", &["--eager"]);
+    let r = move_json(&c, "n2", &pid_of(&r).to_string(), "n1", &[flag]);
+    assert!(
+        within(30_000, || log_count(&c, "n1", "pages pulled") >= 1
+            || flag == "--eager"),
+        "n1 never had every page"
+    );
     assert_eq!(log_count(&c, "n1", "placed in warm memory"), 1);
-    assert!(placed_mib(&c, "n1") >= 256, "not all of it was placed warm");
+    check(&c, "n1");
     let pid = pid_of(&r);
     c.exec_ok("n1", &["kill", "-USR1", &pid.to_string()]);
     assert!(

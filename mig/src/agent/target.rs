@@ -120,6 +120,7 @@ fn pull_all(link: &Link, lazy: &LazyPages, only: &[(u64, u64)]) -> Result<u64, S
         pages = p.installed,
         ms = t0.elapsed().as_millis(),
         install_ms = p.install_time.as_millis(),
+        staged = lazy.stats().staged_pages,
         "pages pulled"
     );
     Ok(p.installed)
@@ -325,7 +326,13 @@ fn rebuild(
         }),
         None => remote,
     };
-    let lazy = stream.is_none().then_some(LazyConfig { fetch });
+    let lazy = stream.is_none().then(|| LazyConfig {
+        fetch,
+        warm: inner
+            .warm
+            .clone()
+            .map(|pool| -> WarmTake { Box::new(move |need| pool.take_for(need)) }),
+    });
     let ev2 = ev.clone();
     let pre2 = Arc::clone(&preloaded);
     let hold = move |pid: i32| -> Result<(), String> {

@@ -22,6 +22,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::lazy::{MAX_WINDOW, PageFetch, WINDOW};
 use super::ranges::{OriginMap, Seg};
+use super::staged::Staging;
 use crate::sys::{procfs, uffd};
 
 const PAGE: u64 = 4096;
@@ -64,16 +65,32 @@ pub(super) struct Mm {
     streams: Mutex<[(u64, u64); STREAMS]>,
     /// A forked child (not the restored process).
     child: bool,
+    /// Warm staging (the restored process only).
+    staging: Option<Arc<Staging>>,
 }
 
 impl Mm {
-    fn new(uffd: OwnedFd, pagemap: Option<procfs::Pagemap>, map: OriginMap, child: bool) -> Mm {
+    fn new(
+        uffd: OwnedFd,
+        pagemap: Option<procfs::Pagemap>,
+        map: OriginMap,
+        child: bool,
+        staging: Option<Arc<Staging>>,
+    ) -> Mm {
         Mm {
             uffd,
             pagemap,
             map: RwLock::new(map),
             streams: Mutex::new([(0, WINDOW); STREAMS]),
             child,
+            staging,
+        }
+    }
+
+    /// An event of the process touched `[s, e)`.
+    fn touched(&self, s: u64, e: u64) {
+        if let Some(sg) = &self.staging {
+            sg.touched(s, e);
         }
     }
 }
@@ -102,9 +119,10 @@ impl State {
         uffd: OwnedFd,
         lazy: &[(u64, u64)],
         kick: OwnedFd,
+        staging: Option<Arc<Staging>>,
     ) -> State {
         let pagemap = procfs::Pagemap::open(Pid::from_raw(pid)).ok();
-        let root = Mm::new(uffd, pagemap, OriginMap::identity(lazy), false);
+        let root = Mm::new(uffd, pagemap, OriginMap::identity(lazy), false, staging);
         State {
             pid,
             pidfd,
@@ -113,6 +131,27 @@ impl State {
             kick,
             c: Counters::default(),
             error: Mutex::new(None),
+        }
+    }
+
+    /// Pages moved in from warm staging so far.
+    pub fn staged_pages(&self) -> u64 {
+        self.mms.read()[0]
+            .staging
+            .as_ref()
+            .map_or(0, |s| s.moved.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of the warm staging area (0: none).
+    pub fn staging_bytes(&self) -> u64 {
+        self.mms.read()[0].staging.as_ref().map_or(0, |s| s.bytes())
+    }
+
+    /// Ends warm staging (once nothing installs any more).
+    pub fn close_staging(&self) {
+        let root = Arc::clone(&self.mms.read()[0]);
+        if let Some(sg) = &root.staging {
+            sg.close(&root.uffd);
         }
     }
 
@@ -171,16 +210,19 @@ impl State {
                     kick = true;
                 }
                 uffd::Msg::Removed(s, e) | uffd::Msg::Unmapped(s, e) => {
+                    mm.touched(s, e);
                     map.discard(s, e);
                     self.c.discards.fetch_add(1, Ordering::Relaxed);
                 }
                 uffd::Msg::Remap { from, to, len } => {
+                    mm.touched(from, from + len);
+                    mm.touched(to, to + len);
                     map.moved(from, to, len);
                     self.c.moves.fetch_add(1, Ordering::Relaxed);
                 }
                 uffd::Msg::Fork(fd) => {
                     // The child has what the parent had at this moment.
-                    let child = Mm::new(fd, None, map.clone(), true);
+                    let child = Mm::new(fd, None, map.clone(), true, None);
                     self.mms.write().push(Arc::new(child));
                     self.c.forks.fetch_add(1, Ordering::Relaxed);
                     kick = true;
@@ -358,9 +400,20 @@ impl State {
 /// for the page server. So a refused copy of several pages is tried
 /// again with half as many, down to one page; only a single page the
 /// kernel refuses is skipped.
+///
+/// With warm staging the run is first staged and moved in whole
+/// ([`Staging::place`]); whatever that leaves is copied.
 fn copy_run(mm: &Mm, dst: u64, src: &[u8]) -> (u64, u64, Option<Errno>) {
     let len = src.len() as u64;
     let (mut at, mut pages) = (0u64, 0u64);
+    let placed = mm
+        .staging
+        .as_ref()
+        .and_then(|sg| sg.place(dst, src, &|lo, hi| missing(mm, lo, hi)));
+    if let Some((dealt, moved)) = placed {
+        at = dealt;
+        pages = moved / PAGE;
+    }
     let mut step = len;
     while at < len {
         let n = step.min(len - at);

@@ -61,7 +61,7 @@ pub const WINDOW: u64 = 64 << 10;
 /// double it up to this.
 pub const MAX_WINDOW: u64 = 2 << 20;
 const PAGE: u64 = 4096;
-/// Features a lazy restore needs.
+/// Features a lazy restore needs (plus [`uffd::FEATURE_MOVE`] to stage).
 const FEATURES: u64 = uffd::FEATURE_EVENT_REMOVE
     | uffd::FEATURE_EVENT_UNMAP
     | uffd::FEATURE_EVENT_REMAP
@@ -78,6 +78,16 @@ pub trait PageFetch: Send + Sync {
 pub struct LazyConfig {
     /// Source of missing pages.
     pub fetch: Arc<dyn PageFetch>,
+    /// Warm memory to stage pages in ([`super::staged`]), asked for
+    /// [`staging_need`] bytes.
+    pub warm: Option<crate::restore::warm::WarmTake>,
+}
+
+/// Bytes of warm memory a lazy restore of `img` stages its pages in: its
+/// lazy ranges and a page for the moves' arguments.
+pub fn staging_need(img: &Image) -> u64 {
+    let lazy = super::ranges::normalize(super::lazy_ranges(img));
+    lazy.iter().map(|(s, e)| e - s).sum::<u64>() + PAGE
 }
 
 /// Counters of a lazy restore.
@@ -92,6 +102,8 @@ pub struct LazyStats {
     pub zero_pages: u64,
     /// Pages installed through [`LazyPages::install`].
     pub installed_pages: u64,
+    /// Pages (either way) moved in from warm staging instead of copied.
+    pub staged_pages: u64,
     /// Bytes installed, both ways.
     pub bytes: u64,
     /// Bytes fetched for faults.
@@ -183,13 +195,76 @@ fn make_state<T: Target>(t: &mut T, lazy: &[(u64, u64)]) -> Result<(State, Owned
         ));
     }
     let (ours, pidfd) = take_uffd(t)?;
-    uffd::api(&ours, FEATURES).map_err(restore_sys("UFFDIO_API".into()))?;
+    let holder = t.take_holder();
+    let features = if holder.is_some() && available & uffd::FEATURE_MOVE != 0 {
+        FEATURES | uffd::FEATURE_MOVE
+    } else {
+        FEATURES
+    };
+    uffd::api(&ours, features).map_err(restore_sys("UFFDIO_API".into()))?;
     for &(s, e) in lazy {
         uffd::register(&ours, s, e - s, uffd::MODE_MISSING)
             .map_err(restore_sys(format!("UFFDIO_REGISTER {s:#x}-{e:#x}")))?;
     }
+    let staging = match holder {
+        Some(h) if features & uffd::FEATURE_MOVE != 0 => stage(t, &ours, h),
+        // Dropped: the holder is killed; the stub unmaps its memory.
+        _ => None,
+    };
     let (kick_r, kick_w) = uffd::pipe().map_err(restore_sys("pipe".into()))?;
-    Ok((State::new(t.pid(), pidfd, ours, lazy, kick_w), kick_r))
+    Ok((
+        State::new(t.pid(), pidfd, ours, lazy, kick_w, staging),
+        kick_r,
+    ))
+}
+
+/// Makes the warm memory the stub `t` was made from its staging area,
+/// moved out of by `holder` ([`super::staged`]); `None` (after a warning)
+/// when that cannot be set up, and then the stub unmaps the area.
+fn stage<T: Target>(
+    t: &mut T,
+    uffd: &OwnedFd,
+    holder: crate::restore::warm::Warm,
+) -> Option<Arc<super::staged::Staging>> {
+    let pid = holder.pid().as_raw();
+    let (start, end) = t.take_warm()?;
+    let res = (|| -> Result<super::staged::Staging, String> {
+        t.call(
+            0,
+            &Call::Madvise {
+                addr: start,
+                len: end - start,
+                advice: libc::MADV_DONTFORK,
+            },
+        )
+        .map_err(|e| format!("MADV_DONTFORK: {e}"))?;
+        uffd::register(uffd, start, end - start, uffd::MODE_MISSING)
+            .map_err(|e| format!("register the staging area: {e}"))?;
+        super::staged::Staging::start(holder, start, end, uffd).inspect_err(|_| {
+            let _ = uffd::unregister(uffd, start, end - start);
+        })
+    })();
+    match res {
+        Ok(s) => {
+            tracing::debug!(
+                holder = pid,
+                mib = (end - start) >> 20,
+                "lazy pages staged in warm memory"
+            );
+            Some(Arc::new(s))
+        }
+        Err(e) => {
+            tracing::warn!(holder = pid, error = %e, "warm staging could not be set up; copying");
+            let _ = t.call(
+                0,
+                &Call::Munmap {
+                    addr: start,
+                    len: end - start,
+                },
+            );
+            None
+        }
+    }
 }
 
 /// A userfaultfd made in the stub (it covers the mm of its maker; the
@@ -302,6 +377,7 @@ impl LazyPages {
             demand_pages: get(&c.demand_pages),
             zero_pages: get(&c.zero_pages),
             installed_pages: get(&c.installed_pages),
+            staged_pages: inner.st.staged_pages(),
             bytes: get(&c.bytes),
             demand_bytes: get(&c.demand_bytes),
             fetch_time: Duration::from_nanos(get(&c.fetch_ns)),
@@ -329,6 +405,11 @@ impl LazyPages {
     /// The thread id of the fault handler (for its CPU mask).
     pub fn handler_tid(&self) -> Option<i32> {
         self.inner.as_ref().and_then(|i| i.handler_tid)
+    }
+
+    /// Bytes of warm memory its pages are staged in (0: none).
+    pub fn staging_bytes(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |i| i.st.staging_bytes())
     }
 
     /// Whether there is lazy memory at all.
@@ -361,6 +442,7 @@ impl LazyPages {
             if let Some(h) = inner.handler.take() {
                 let _ = h.join();
             }
+            inner.st.close_staging();
         }
     }
 }

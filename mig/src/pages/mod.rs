@@ -4,7 +4,8 @@
 //! - which ranges an image leaves out ("lazy": [`lazy_ranges`]);
 //! - [`source`]: the source's reader of a frozen process's memory;
 //! - [`lazy`]: the target's userfaultfd handler that fills the lazy ranges
-//!   on first touch or by a push;
+//!   on first touch or by a push; `staged`: its warm staging area, moved
+//!   in with `UFFDIO_MOVE`;
 //! - [`inside`]: the source's sends from inside the frozen process (one
 //!   copy per byte);
 //! - [`dirty`]: dirty-page tracking of a running process for pre-copy;
@@ -24,6 +25,7 @@ pub mod lazy;
 pub mod ranges;
 pub mod rounds;
 pub mod source;
+mod staged;
 pub mod store;
 pub mod wire;
 

@@ -354,6 +354,11 @@ pub trait Target {
     fn take_warm(&mut self) -> Option<(u64, u64)> {
         None
     }
+    /// The warm-memory holder the process was made from, when it was kept
+    /// alive sharing the address space (a lazy restore's staging).
+    fn take_holder(&mut self) -> Option<super::warm::Warm> {
+        None
+    }
     /// The vDSO block as mapped now.
     fn vdso_block(&mut self) -> Result<Option<VdsoBlock>, CallError>;
     /// Drops the helper mapping and loads the final registers, xsave and

@@ -83,6 +83,7 @@ pub fn restore_lazy(
     let extras = Extras {
         lazy: Some(LazyConfig {
             fetch: Arc::clone(&src) as Arc<dyn crate::pages::PageFetch>,
+            warm: None,
         }),
         ..extras
     };

@@ -89,7 +89,8 @@ pub struct Restored {
     pub total: Duration,
     /// The lazy memory still being filled (with [`Extras::lazy`]).
     pub lazy: Option<crate::pages::LazyPages>,
-    /// Bytes of its mappings placed from warm memory ([`warm`]).
+    /// Bytes of its mappings placed from warm memory, or of the warm
+    /// memory its lazy pages are staged in ([`warm`]).
     pub warm: u64,
 }
 
@@ -147,12 +148,21 @@ fn restore_resolved(
         .collect();
     let old = image.process.as_ref().map_or(0, |p| p.pid);
     let pin = pin::Pin::here();
-    let warm = extras
-        .stream
-        .as_mut()
-        .and_then(|s| s.warm.take())
-        .and_then(|take| take(stream::warm_need(image)));
-    let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid, warm)?;
+    // Warm memory: an eager restore places the process's memory in it; a
+    // lazy one stages pages there (crate::pages::staged).
+    let staged = extras.lazy.as_ref().is_some_and(|l| l.warm.is_some());
+    let warm = match (extras.stream.as_mut(), extras.lazy.as_mut()) {
+        (Some(s), _) => s
+            .warm
+            .take()
+            .and_then(|take| take(stream::warm_need(image))),
+        (None, Some(l)) => l
+            .warm
+            .take()
+            .and_then(|take| take(crate::pages::lazy::staging_need(image))),
+        (None, None) => None,
+    };
+    let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid, warm, staged)?;
     if let Some(p) = &pin {
         p.join(stub.pid());
     }
@@ -247,8 +257,11 @@ pub fn rebuild<T: Target>(
         Ok(memory) => Ok(RebuildStats {
             bytes,
             memory,
+            warm: warm.max(
+                lazy.as_ref()
+                    .map_or(0, crate::pages::LazyPages::staging_bytes),
+            ),
             lazy,
-            warm,
         }),
         // A step that failed because the page source did (the handler
         // killed the stub) says so.

@@ -32,6 +32,9 @@ pub struct PtraceStub {
     helper: (u64, u64),
     /// Warm memory this stub was made from, until the fill takes it.
     warm: Option<(u64, u64)>,
+    /// The holder it was made from, kept alive (detached, sharing the
+    /// address space) for a lazy restore's staging ([`crate::pages`]).
+    holder: Option<super::warm::Warm>,
     done: bool,
 }
 
@@ -63,17 +66,19 @@ impl PtraceStub {
     /// Forks and seizes a stub with PID `want` when free (an error if
     /// taken and `require`), then empties it, keeping its helper region
     /// clear of `avoid` (the image's mappings). With `warm`, the stub is
-    /// made from that holder and keeps its memory ([`super::warm`]); if
+    /// made from that holder and keeps its memory ([`super::warm`]); with
+    /// `keep_holder` the holder lives on too ([`Target::take_holder`]). If
     /// the holder cannot be used, a fresh stub is forked instead.
     pub fn spawn(
         want: Option<i32>,
         require: bool,
         avoid: &[(u64, u64)],
         warm: Option<super::warm::Warm>,
+        keep_holder: bool,
     ) -> Result<PtraceStub, RestoreError> {
         if let Some(w) = warm {
             let holder = w.pid();
-            match PtraceStub::from_warm(w, want, require) {
+            match PtraceStub::from_warm(w, want, require, keep_holder) {
                 Ok(mut stub) => {
                     stub.prepare(avoid)
                         .map_err(|e| RestoreError::new(Step::PrepareStub, e))?;
@@ -107,6 +112,7 @@ impl PtraceStub {
             scratch: 0,
             helper: (0, 0),
             warm: None,
+            holder: None,
             done: false,
         };
         ptrace::seize(pid, abi::PTRACE_O_EXITKILL | abi::PTRACE_O_TRACECLONE)
@@ -126,6 +132,7 @@ impl PtraceStub {
         w: super::warm::Warm,
         want: Option<i32>,
         require: bool,
+        keep_holder: bool,
     ) -> Result<PtraceStub, RestoreError> {
         let holder = w.pid();
         let (scratch, len) = w.region();
@@ -202,28 +209,56 @@ impl PtraceStub {
             )
         })?;
         // Killed on drop from here, with the holder.
-        let stub = PtraceStub {
+        let mut stub = PtraceStub {
             pid,
             threads: vec![pid],
             insn: 0,
             scratch: 0,
             helper: (0, 0),
             warm: Some((scratch, scratch + len)),
+            holder: None,
             done: false,
         };
         wait_event(pid, "the stub")?;
         mem::write_vm(holder, scratch, &[0u8; 136]).map_err(err("zero clone_args"))?;
-        // The holder goes; the stub is the address space's only user.
-        let _ = crate::sys::task::kill(holder, libc::SIGKILL);
-        loop {
-            match ptrace::wait(holder).map_err(err("waitpid the holder"))? {
-                ptrace::Stop::Exited(_) | ptrace::Stop::Killed(_) => break,
-                _ => {
-                    let _ = ptrace::cont(holder, 0);
+        if keep_holder {
+            // It will run calls again once the stub has emptied the
+            // address space of its code and rseq area: unregister rseq
+            // now, and let it wait in pause() (signals blocked) until
+            // the staging's mover seizes it.
+            if let Some(r) = ptrace::get_rseq(holder).map_err(err("the holder's rseq"))? {
+                let out = inject::syscall(
+                    holder,
+                    insn,
+                    libc::SYS_rseq,
+                    [r.addr, u64::from(r.len), 1, u64::from(r.signature), 0, 0],
+                )
+                .map_err(|source| {
+                    RestoreError::new(
+                        Step::CreateStub,
+                        RestoreCause::Inject {
+                            what: "unregister the holder's rseq".into(),
+                            source,
+                        },
+                    )
+                })?;
+                out.result().map_err(err("unregister the holder's rseq"))?;
+            }
+            ptrace::detach(holder).map_err(err("PTRACE_DETACH the holder"))?;
+            stub.holder = Some(w);
+        } else {
+            // The holder goes; the stub is the address space's only user.
+            let _ = crate::sys::task::kill(holder, libc::SIGKILL);
+            loop {
+                match ptrace::wait(holder).map_err(err("waitpid the holder"))? {
+                    ptrace::Stop::Exited(_) | ptrace::Stop::Killed(_) => break,
+                    _ => {
+                        let _ = ptrace::cont(holder, 0);
+                    }
                 }
             }
+            w.consume();
         }
-        w.consume();
         let adj = super::warm::own_oom_score_adj();
         std::fs::write(format!("/proc/{pid}/oom_score_adj"), adj).map_err(|source| {
             RestoreError::new(
@@ -754,6 +789,10 @@ impl Target for PtraceStub {
 
     fn take_warm(&mut self) -> Option<(u64, u64)> {
         self.warm.take()
+    }
+
+    fn take_holder(&mut self) -> Option<super::warm::Warm> {
+        self.holder.take()
     }
 
     fn vdso_block(&mut self) -> Result<Option<vdso::VdsoBlock>, CallError> {

@@ -34,6 +34,12 @@ const UFFDIO_COPY: u64 = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
 /// `_IOWR(0xAA, 0x06, struct uffdio_writeprotect)`.
 const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+/// `_IOWR(0xAA, 0x05, struct uffdio_move)`: run by a task of the
+/// registered mm itself (the kernel refuses moves across address spaces),
+/// so callers inject it; see [`move_args`].
+pub const UFFDIO_MOVE: u64 = 0xc028_aa05;
+/// Size of `struct uffdio_move`.
+pub const MOVE_ARGS_LEN: usize = 40;
 
 /// `userfaultfd(2)` flag: only faults from user mode are reported (what an
 /// unprivileged caller may ask for when `vm.unprivileged_userfaultfd=0`).
@@ -59,6 +65,9 @@ pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// Feature: the kernel resolves write-protect faults itself and only
 /// records them (read back with `PAGEMAP_SCAN`, see [`super::pagemap`]).
 pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// Feature: `UFFDIO_MOVE` (6.8) moves pages already in the mm into a
+/// registered range instead of allocating and copying.
+pub const FEATURE_MOVE: u64 = 1 << 16;
 
 const EVENT_PAGEFAULT: u8 = 0x12;
 const EVENT_FORK: u8 = 0x13;
@@ -291,6 +300,29 @@ pub fn copy(fd: &OwnedFd, dst: u64, data: &[u8]) -> Filled {
     filled(res, c.len, c.copy)
 }
 
+/// The bytes of a `struct uffdio_move` moving `len` bytes of pages from
+/// `src` to `dst` (mode 0: wake waiters, no holes in `src`).
+pub fn move_args(dst: u64, src: u64, len: u64) -> [u8; MOVE_ARGS_LEN] {
+    let mut b = [0u8; MOVE_ARGS_LEN];
+    b[..8].copy_from_slice(&dst.to_ne_bytes());
+    b[8..16].copy_from_slice(&src.to_ne_bytes());
+    b[16..24].copy_from_slice(&len.to_ne_bytes());
+    b
+}
+
+/// What an injected `UFFDIO_MOVE` of `len` bytes did, from its return
+/// value `ret` (0 or -errno) and the struct as it reads afterwards.
+pub fn moved(ret: i64, args: &[u8; MOVE_ARGS_LEN], len: u64) -> Filled {
+    let res = if ret == 0 {
+        Ok(())
+    } else {
+        Err(Errno::from_raw(i32::try_from(-ret).unwrap_or(libc::EINVAL)))
+    };
+    let mut field = [0u8; 8];
+    field.copy_from_slice(&args[32..40]);
+    filled(res, len, i64::from_ne_bytes(field))
+}
+
 /// Maps the zero page at `[dst, dst+len)` and wakes waiters.
 pub fn zeropage(fd: &OwnedFd, dst: u64, len: u64) -> Filled {
     let mut z = ZeroPage {
@@ -439,6 +471,30 @@ mod tests {
             Filled {
                 done: 0,
                 err: Some(Errno::EEXIST)
+            }
+        );
+    }
+
+    #[test]
+    fn move_args_are_laid_out_as_the_kernel_reads_them() {
+        let mut a = move_args(0x7000_0000, 0x5000_0000, 0x40_0000);
+        assert_eq!(&a[..8], &0x7000_0000u64.to_ne_bytes());
+        assert_eq!(&a[16..24], &0x40_0000u64.to_ne_bytes());
+        assert_eq!(moved(0, &a, 0x40_0000).done, 0x40_0000);
+        a[32..40].copy_from_slice(&8192i64.to_ne_bytes());
+        assert_eq!(
+            moved(-i64::from(libc::EEXIST), &a, 0x40_0000),
+            Filled {
+                done: 8192,
+                err: Some(Errno::EEXIST)
+            }
+        );
+        a[32..40].copy_from_slice(&(-i64::from(libc::EINVAL)).to_ne_bytes());
+        assert_eq!(
+            moved(-i64::from(libc::EINVAL), &a, 0x40_0000),
+            Filled {
+                done: 0,
+                err: Some(Errno::EINVAL)
             }
         );
     }

@@ -178,7 +178,15 @@ pub fn run(a: MoveArgs) -> anyhow::Result<ExitCode> {
     let readall = if a.readall > 0 {
         eprintln!("{} MiB: read all after a lazy move", a.readall);
         // The moves above are measured: print them even if this fails.
-        match one(&bed, a.readall, "lazy", 0, true) {
+        let ready = if a.warm_memory > 0 {
+            // Lazy moves stage their pages in it too.
+            wait_for("warm memory on the nodes", 600, || {
+                bed.warm_ready("n1") && bed.warm_ready("n2")
+            })
+        } else {
+            Ok(())
+        };
+        match ready.and_then(|()| one(&bed, a.readall, "lazy", 0, true)) {
             Ok(r) => r.1,
             Err(e) => {
                 eprintln!("the read-all row failed: {e:#}");
@@ -410,7 +418,7 @@ fn print(rows: &[Row], readall: Option<(f64, f64)>, a: &MoveArgs) {
     }
     if a.warm_memory > 0 {
         println!(
-            "warm memory: each node keeps {} MiB allocated for incoming eager moves (migfs node --warm-memory)",
+            "warm memory: each node keeps {} MiB allocated for incoming moves (migfs node --warm-memory): eager ones land in it, lazy ones stage their pages there",
             a.warm_memory
         );
     }
