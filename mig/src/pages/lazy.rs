@@ -240,7 +240,7 @@ fn stage<T: Target>(
         .map_err(|e| format!("MADV_DONTFORK: {e}"))?;
         uffd::register(uffd, start, end - start, uffd::MODE_MISSING)
             .map_err(|e| format!("register the staging area: {e}"))?;
-        super::staged::Staging::start(holder, start, end, uffd).inspect_err(|_| {
+        super::staged::Staging::start(t, holder, start, end, uffd).inspect_err(|_| {
             let _ = uffd::unregister(uffd, start, end - start);
         })
     })();

@@ -6,65 +6,64 @@
 //! ([`crate::restore::warm`]) keeps the holder's region mapped in its
 //! address space (the staging area) and the holder itself alive, sharing
 //! that address space. The kernel runs `UFFDIO_MOVE` only for a task of
-//! the registered mm, so the holder is the one that runs it: a thread
-//! here (the mover) traces it and injects each move through the vDSO's
-//! `syscall` instruction. An install writes its bytes into the next
-//! unused piece of the staging area (`process_vm_writev`: a copy into
-//! pages that are already there) and asks the mover to move that piece
-//! to its place; what cannot be moved (a page already there, a run that
-//! spans two mappings, an event pending) is copied as before.
+//! the registered mm, so the holder is the one that runs it: before the
+//! process runs, the first page of the area gets a few instructions (read
+//! a system call and its arguments from a pipe, run it, write its result
+//! back, again), the holder gets the pipes and the userfaultfd
+//! (`pidfd_getfd`, injected) and is let go to run them. An
+//! install writes its bytes into the next unused piece of the area
+//! (`process_vm_writev`: a copy into pages that are already there) and
+//! asks the holder to move that piece to its place; what cannot be moved
+//! (a page already there, a run that spans two mappings, an event
+//! pending) is copied as before.
 //!
 //! The staging area is registered with the userfaultfd and marked
 //! `MADV_DONTFORK`: a fork does not copy it, and if the process unmaps,
 //! discards or moves any of it (it should not know it is there) the
 //! event is read under the origin map's write lock, which every install
 //! holds the read lock of, and staging stops for good. At the end the
-//! range is unregistered, the holder unmaps it and is killed: the
-//! process keeps no trace of it.
+//! range is unregistered, the holder is seized again, unmaps it and is
+//! killed: the process keeps no trace of it. The holder cannot dump core
+//! (`RLIMIT_CORE` 0, not dumpable) should anything make it fault.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
 use parking_lot::Mutex;
 
+use crate::restore::inject::{Call, Target};
 use crate::restore::warm::Warm;
 use crate::sys::{abi, inject, mem, procfs, ptrace, uffd, vdso};
 
 const PAGE: u64 = 4096;
-/// How long the mover may take to come up.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
-
-enum Req {
-    /// Move `len` bytes of pages from `src` (staging) to `dst`.
-    Move {
-        dst: u64,
-        src: u64,
-        len: u64,
-        reply: mpsc::SyncSender<uffd::Filled>,
-    },
-    /// Unmap the staging area (unless it is no longer ours), close the
-    /// holder's userfaultfd, end the holder.
-    Close { unmap: bool },
-}
+/// A request to the holder: a system call's number and six arguments,
+/// then 40 bytes for it to work on (at [`PAYLOAD`] in the arguments page);
+/// the answer is those 40 bytes as the call left them, then its return
+/// value.
+const CALL: usize = 56;
+const PAYLOAD: u64 = CALL as u64;
+const REQ: usize = CALL + uffd::MOVE_ARGS_LEN;
+const ANSWER: usize = uffd::MOVE_ARGS_LEN + 8;
 
 /// A lazy restore's staging area and the holder that moves pages out of
 /// it.
 pub(super) struct Staging {
+    holder: Mutex<Option<Warm>>,
     helper: Pid,
-    /// The area: its first page holds the move's arguments.
+    /// The area: its first page holds the holder's code, the second the
+    /// move's arguments, the rest the staged pages.
     start: u64,
     end: u64,
     next: Mutex<u64>,
-    /// Staging has stopped (the area is not ours any more, or the mover
+    /// Staging has stopped (the area is not ours any more, or the holder
     /// failed): installs copy.
     dead: AtomicBool,
-    tx: Mutex<Option<mpsc::Sender<Req>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Requests to the holder and its answers, one at a time.
+    chan: Mutex<Option<(std::fs::File, std::fs::File)>>,
+    /// The holder's descriptor of the userfaultfd.
+    uffd_fd: u64,
     /// Pages moved into place.
     pub moved: AtomicU64,
     /// Time spent writing into the area and moving out of it, and moves.
@@ -74,46 +73,147 @@ pub(super) struct Staging {
 }
 
 impl Staging {
-    /// Starts the mover for `holder`, whose address space is the restored
-    /// process's and holds the warm area `[start, end)` (registered with
-    /// `uffd`, this node's descriptor of the process's userfaultfd).
-    pub fn start(holder: Warm, start: u64, end: u64, uffd: &OwnedFd) -> Result<Staging, String> {
+    /// Sets up the staging area `[start, end)` (the warm memory the stub
+    /// `t` was made from, registered with `uffd`, this node's descriptor
+    /// of its userfaultfd) and lets `holder` run the moves. `t` must
+    /// still be stopped; this thread traces it.
+    pub fn start<T: Target>(
+        t: &mut T,
+        holder: Warm,
+        start: u64,
+        end: u64,
+        uffd: &OwnedFd,
+    ) -> Result<Staging, String> {
         let helper = holder.pid();
-        let raw = uffd.as_raw_fd();
-        let node = i32::try_from(std::process::id()).map_err(|e| e.to_string())?;
-        let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name(format!("stage-{helper}"))
-            .spawn(move || mover(holder, start, end, raw, node, &ready_tx, &rx))
-            .map_err(|e| format!("start the mover: {e}"))?;
-        match ready_rx.recv_timeout(SETUP_TIMEOUT) {
-            Ok(Ok(())) => Ok(Staging {
-                helper,
-                start,
-                end,
-                next: Mutex::new(start + PAGE),
-                dead: AtomicBool::new(false),
-                tx: Mutex::new(Some(tx)),
-                thread: Mutex::new(Some(thread)),
-                moved: AtomicU64::new(0),
-                write_ns: AtomicU64::new(0),
-                move_ns: AtomicU64::new(0),
-                moves: AtomicU64::new(0),
-            }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            // The mover is stuck in a ptrace wait: its holder is killed
-            // with this node (PTRACE_O_EXITKILL) or when the wait ends.
-            Err(_) => Err("the warm-memory holder did not stop for the mover".into()),
+        if end - start < 3 * PAGE {
+            return Err("the warm memory is too small to stage in".into());
         }
+        let (cmd_r, cmd_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (ans_r, ans_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let node = u64::from(std::process::id());
+        let fds = seize(helper)
+            .and_then(|insn| {
+                let call = |what: &str, nr: i64, args: [u64; 6]| -> Result<u64, String> {
+                    inject::syscall(helper, insn, nr, args)
+                        .map_err(|e| format!("{what} in the holder: {e}"))?
+                        .result()
+                        .map_err(|e| format!("{what} in the holder: {e}"))
+                };
+                // It must never dump the process's memory.
+                let zero = [0u8; 16];
+                mem::write_vm(helper, start + PAGE, &zero).map_err(|e| e.to_string())?;
+                call(
+                    "prlimit64",
+                    libc::SYS_prlimit64,
+                    [0, libc::RLIMIT_CORE as u64, start + PAGE, 0, 0, 0],
+                )?;
+                call(
+                    "prctl",
+                    libc::SYS_prctl,
+                    [abi::PR_SET_DUMPABLE, 0, 0, 0, 0, 0],
+                )?;
+                let pidfd = call("pidfd_open", libc::SYS_pidfd_open, [node, 0, 0, 0, 0, 0])?;
+                let take = |fd: &OwnedFd| {
+                    let raw = u64::try_from(fd.as_raw_fd()).unwrap_or(u64::MAX);
+                    call(
+                        "pidfd_getfd",
+                        libc::SYS_pidfd_getfd,
+                        [pidfd, raw, 0, 0, 0, 0],
+                    )
+                };
+                let fds = (|| Ok::<_, String>([take(&cmd_r)?, take(uffd)?, take(&ans_w)?]))();
+                let _ = call("close", libc::SYS_close, [pidfd, 0, 0, 0, 0, 0]);
+                fds
+            })
+            .inspect_err(|_| {
+                let _ = ptrace::detach(helper);
+            })?;
+        let code = mover_code(start + PAGE, fds[0], fds[2]);
+        let res = (|| -> Result<(), String> {
+            t.write_memory(start, &code)
+                .map_err(|e| format!("write the code: {e}"))?;
+            t.call(
+                0,
+                &Call::Mprotect {
+                    addr: start,
+                    len: PAGE,
+                    prot: (libc::PROT_READ | libc::PROT_EXEC) as u32,
+                },
+            )
+            .map_err(|e| format!("mprotect the code: {e}"))?;
+            // Off it goes: from the code's first instruction, with no
+            // call to restart.
+            let mut regs = ptrace::getregs(helper).map_err(|e| e.to_string())?;
+            regs[abi::reg::RIP] = start;
+            regs[abi::reg::ORIG_RAX] = u64::MAX;
+            regs[abi::reg::RAX] = 0;
+            ptrace::setregs(helper, &regs).map_err(|e| e.to_string())?;
+            Ok(())
+        })();
+        ptrace::detach(helper).map_err(|e| format!("PTRACE_DETACH the holder: {e}"))?;
+        res?;
+        drop((cmd_r, ans_w));
+        Ok(Staging {
+            holder: Mutex::new(Some(holder)),
+            helper,
+            start,
+            end,
+            next: Mutex::new(start + 2 * PAGE),
+            dead: AtomicBool::new(false),
+            chan: Mutex::new(Some((
+                std::fs::File::from(cmd_w),
+                std::fs::File::from(ans_r),
+            ))),
+            uffd_fd: fds[1],
+            moved: AtomicU64::new(0),
+            write_ns: AtomicU64::new(0),
+            move_ns: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
+        })
     }
 
     /// The area's size.
     pub fn bytes(&self) -> u64 {
         self.end - self.start
+    }
+
+    /// System call `nr` run by the holder with `args` and `payload` (at
+    /// the payload's place in the arguments page); its return value and
+    /// the payload as it left it. `None` when it does not answer.
+    fn call(&self, nr: i64, args: [u64; 6], payload: &[u8; 40]) -> Option<(i64, [u8; 40])> {
+        use std::io::{Read, Write};
+        let mut req = [0u8; REQ];
+        req[..8].copy_from_slice(&nr.to_ne_bytes());
+        for (i, a) in args.iter().enumerate() {
+            req[8 + 8 * i..16 + 8 * i].copy_from_slice(&a.to_ne_bytes());
+        }
+        req[CALL..].copy_from_slice(payload);
+        let mut chan = self.chan.lock();
+        let (cmd, ans) = chan.as_mut()?;
+        cmd.write_all(&req).ok()?;
+        let mut a = [0u8; ANSWER];
+        ans.read_exact(&mut a).ok()?;
+        let mut out = [0u8; 40];
+        out.copy_from_slice(&a[..40]);
+        let mut ret = [0u8; 8];
+        ret.copy_from_slice(&a[40..]);
+        Some((i64::from_ne_bytes(ret), out))
+    }
+
+    /// One `UFFDIO_MOVE` run by the holder; `None` when it does not answer.
+    fn request(&self, dst: u64, src: u64, len: u64) -> Option<uffd::Filled> {
+        let args = [
+            self.uffd_fd,
+            uffd::UFFDIO_MOVE,
+            self.start + PAGE + PAYLOAD,
+            0,
+            0,
+            0,
+        ];
+        let (ret, out) = self.call(libc::SYS_ioctl, args, &uffd::move_args(dst, src, len))?;
+        Some(uffd::moved(ret, &out, len))
     }
 
     /// Installs `data` at `dst` by staging and moving it. Returns the
@@ -149,7 +249,6 @@ impl Staging {
         let t_moves = std::time::Instant::now();
         let ns = |since: std::time::Instant| u64::try_from(since.elapsed().as_nanos()).unwrap_or(0);
         self.write_ns.fetch_add(ns(t), Ordering::Relaxed);
-        let tx = self.tx.lock().clone()?;
         let end = dst + len;
         let (mut cur, mut moved) = (dst, 0u64);
         // Ranges still to move, in order; the front one is `cur..`.
@@ -161,17 +260,10 @@ impl Staging {
             let mut step = e - s;
             while cur < e {
                 let n = step.min(e - cur);
-                let (reply, answer) = mpsc::sync_channel(1);
-                let req = Req::Move {
-                    dst: cur,
-                    src: at + (cur - dst),
-                    len: n,
-                    reply,
-                };
-                if tx.send(req).is_err() {
+                let Some(f) = self.request(cur, at + (cur - dst), n) else {
+                    self.stop("the holder does not answer");
                     break 'ranges;
-                }
-                let Ok(f) = answer.recv() else { break 'ranges };
+                };
                 self.moves.fetch_add(1, Ordering::Relaxed);
                 cur += f.done;
                 moved += f.done;
@@ -198,10 +290,6 @@ impl Staging {
                         }
                         cur = todo.front().map_or(end, |r| r.0);
                         continue 'ranges;
-                    }
-                    Some(Errno::EIO) => {
-                        self.stop("the mover failed");
-                        break 'ranges;
                     }
                     Some(Errno::EINVAL | Errno::ENOENT) if n - f.done > PAGE => {
                         step = ((n - f.done) / 2).next_multiple_of(PAGE);
@@ -238,17 +326,33 @@ impl Staging {
     /// unmap it (unless the process changed it) and ends the holder.
     /// Call once nothing installs any more.
     pub fn close(&self, uffd: &OwnedFd) {
-        let Some(tx) = self.tx.lock().take() else {
+        let Some(holder) = self.holder.lock().take() else {
             return;
         };
-        // Unregistered first: the unmap must not wait for its event.
+        // Unregistered first: the unmap must not wait for its event. The
+        // holder is seized while it waits for a request (at the end of
+        // its pipe it would exit).
         let registered = uffd::unregister(uffd, self.start, self.end - self.start).is_ok();
-        let unmap = registered && !self.dead.load(Ordering::Relaxed);
-        let _ = tx.send(Req::Close { unmap });
-        drop(tx);
-        if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
+        if registered && !self.dead.load(Ordering::Relaxed) {
+            let res = seize(self.helper).and_then(|insn| {
+                let len = self.end - self.start;
+                inject::syscall(
+                    self.helper,
+                    insn,
+                    libc::SYS_munmap,
+                    [self.start, len, 0, 0, 0, 0],
+                )
+                .map_err(|e| e.to_string())?
+                .result()
+                .map_err(|e| e.to_string())
+            });
+            if let Err(e) = res {
+                tracing::warn!(helper = self.helper.as_raw(), error = %e, "unmap the staging area");
+            }
         }
+        drop(self.chan.lock().take());
+        // Killed and collected (by this thread if it traces it now).
+        drop(holder);
         let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1e6;
         tracing::debug!(
             helper = self.helper.as_raw(),
@@ -261,88 +365,9 @@ impl Staging {
     }
 }
 
-impl Drop for Staging {
-    fn drop(&mut self) {
-        // Not closed (an error path): the holder still ends with the
-        // mover; the area stays mapped, empty of moved pages.
-        drop(self.tx.lock().take());
-        if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// The mover thread: traces `holder`, takes the userfaultfd into it, then
-/// runs each move in it until told to close; the holder ends with it.
-fn mover(
-    holder: Warm,
-    start: u64,
-    end: u64,
-    uffd_raw: i32,
-    node: i32,
-    ready: &mpsc::SyncSender<Result<(), String>>,
-    rx: &mpsc::Receiver<Req>,
-) {
-    let pid = holder.pid();
-    let (insn, fd) = match setup(pid, uffd_raw, node) {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let _ = ready.send(Ok(()));
-    let call = |nr: i64, args: [u64; 6]| -> Result<u64, String> {
-        inject::syscall(pid, insn, nr, args)
-            .map_err(|e| e.to_string())?
-            .result()
-            .map_err(|e| e.to_string())
-    };
-    let mut broken = false;
-    for req in rx {
-        match req {
-            Req::Move {
-                dst,
-                src,
-                len,
-                reply,
-            } => {
-                let f = if broken {
-                    None
-                } else {
-                    run_move(pid, insn, fd, start, dst, src, len)
-                };
-                let f = f.unwrap_or_else(|| {
-                    broken = true;
-                    uffd::Filled {
-                        done: 0,
-                        err: Some(Errno::EIO),
-                    }
-                });
-                let _ = reply.send(f);
-            }
-            Req::Close { unmap } => {
-                if unmap
-                    && !broken
-                    && let Err(e) = call(libc::SYS_munmap, [start, end - start, 0, 0, 0, 0])
-                {
-                    tracing::warn!(helper = pid.as_raw(), error = %e, "unmap the staging area");
-                }
-                break;
-            }
-        }
-    }
-    if !broken {
-        let _ = call(libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
-    }
-    // Killed and collected here, by its tracer.
-    drop(holder);
-}
-
-/// Seizes the holder, finds a `syscall` instruction in the vDSO of the
-/// address space, and takes this node's descriptor `uffd_raw` into it;
-/// returns the instruction and the holder's descriptor.
-fn setup(pid: Pid, uffd_raw: i32, node: i32) -> Result<(u64, u64), String> {
+/// Seizes the holder (waiting in a call or blocked in its read) and finds
+/// a `syscall` instruction in the vDSO of the address space.
+fn seize(pid: Pid) -> Result<u64, String> {
     ptrace::seize(pid, abi::PTRACE_O_EXITKILL)
         .map_err(|e| format!("PTRACE_SEIZE the holder: {e}"))?;
     ptrace::interrupt(pid).map_err(|e| format!("PTRACE_INTERRUPT the holder: {e}"))?;
@@ -354,48 +379,100 @@ fn setup(pid: Pid, uffd_raw: i32, node: i32) -> Result<(u64, u64), String> {
     let block = vdso::find(&maps).ok_or("the address space has no vDSO")?;
     let mut text = vec![0u8; usize::try_from(block.vdso_end - block.vdso_start).unwrap_or(0)];
     mem::read_vm(pid, block.vdso_start, &mut text).map_err(|e| format!("read the vDSO: {e}"))?;
-    let insn = inject::find_syscall_insn(&text, block.vdso_start)
-        .ok_or("no syscall instruction in the vDSO")?;
-    let call = |what: &str, nr: i64, args: [u64; 6]| -> Result<u64, String> {
-        inject::syscall(pid, insn, nr, args)
-            .map_err(|e| format!("{what} in the holder: {e}"))?
-            .result()
-            .map_err(|e| format!("{what} in the holder: {e}"))
-    };
-    let node = u64::try_from(node).map_err(|e| e.to_string())?;
-    let raw = u64::try_from(uffd_raw).map_err(|e| e.to_string())?;
-    let pidfd = call("pidfd_open", libc::SYS_pidfd_open, [node, 0, 0, 0, 0, 0])?;
-    let fd = call(
-        "pidfd_getfd",
-        libc::SYS_pidfd_getfd,
-        [pidfd, raw, 0, 0, 0, 0],
-    );
-    let _ = call("close", libc::SYS_close, [pidfd, 0, 0, 0, 0, 0]);
-    Ok((insn, fd?))
+    inject::find_syscall_insn(&text, block.vdso_start)
+        .ok_or_else(|| "no syscall instruction in the vDSO".into())
 }
 
-/// One `UFFDIO_MOVE` run by the holder, its arguments at `scratch`;
-/// `None` when the holder could not run it.
-fn run_move(
-    pid: Pid,
-    insn: u64,
-    fd: u64,
-    scratch: u64,
-    dst: u64,
-    src: u64,
-    len: u64,
-) -> Option<uffd::Filled> {
-    let mut args = uffd::move_args(dst, src, len);
-    mem::write_vm(pid, scratch, &args).ok()?;
-    let out = inject::syscall(
-        pid,
-        insn,
-        libc::SYS_ioctl,
-        [fd, uffd::UFFDIO_MOVE, scratch, 0, 0, 0],
-    )
-    .ok()?;
-    if out.ret != 0 {
-        mem::read_vm(pid, scratch, &mut args).ok()?;
+/// The holder's loop (x86-64, at the start of the area), its arguments
+/// page at `args`, reading requests from descriptor `req` and answering
+/// on `ans`:
+///
+/// ```text
+/// again: if read(req, args, 96) != 96: exit_group(0)
+///        rax = syscall(args[0]; args[1..7]); *(args + 96) = rax
+///        write(ans, args + 56, 48); jmp again
+/// ```
+fn mover_code(args: u64, req: u64, ans: u64) -> Vec<u8> {
+    let fd = |f: u64| u32::try_from(f).unwrap_or(u32::MAX);
+    let imm = |n: usize| u32::try_from(n).unwrap_or(0);
+    let mut c = Vec::with_capacity(160);
+    let mov32 = |c: &mut Vec<u8>, op: u8, v: u32| {
+        c.push(op);
+        c.extend_from_slice(&v.to_le_bytes());
+    };
+    const EAX: u8 = 0xb8;
+    const EDX: u8 = 0xba;
+    const EDI: u8 = 0xbf;
+    let movabs_rsi = |c: &mut Vec<u8>, v: u64| {
+        c.extend_from_slice(&[0x48, 0xbe]);
+        c.extend_from_slice(&v.to_le_bytes());
+    };
+    let syscall = |c: &mut Vec<u8>| c.extend_from_slice(&[0x0f, 0x05]);
+    // again: read(req, args, 96)
+    mov32(&mut c, EAX, 0);
+    mov32(&mut c, EDI, fd(req));
+    movabs_rsi(&mut c, args);
+    mov32(&mut c, EDX, imm(REQ));
+    syscall(&mut c);
+    // cmp rax, 96; jne exit (rel32, patched below)
+    c.extend_from_slice(&[0x48, 0x83, 0xf8, u8::try_from(REQ).unwrap_or(0)]);
+    c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]);
+    let jne_at = c.len();
+    // movabs rax, args; load rdi, rsi, rdx, r10, r8, r9, then rax
+    c.extend_from_slice(&[0x48, 0xb8]);
+    c.extend_from_slice(&args.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x8b, 0x78, 0x08]);
+    c.extend_from_slice(&[0x48, 0x8b, 0x70, 0x10]);
+    c.extend_from_slice(&[0x48, 0x8b, 0x50, 0x18]);
+    c.extend_from_slice(&[0x4c, 0x8b, 0x50, 0x20]);
+    c.extend_from_slice(&[0x4c, 0x8b, 0x40, 0x28]);
+    c.extend_from_slice(&[0x4c, 0x8b, 0x48, 0x30]);
+    c.extend_from_slice(&[0x48, 0x8b, 0x00]);
+    syscall(&mut c);
+    // movabs [args + 96], rax
+    c.extend_from_slice(&[0x48, 0xa3]);
+    c.extend_from_slice(&(args + REQ as u64).to_le_bytes());
+    // write(ans, args + 56, 48)
+    mov32(&mut c, EAX, 1);
+    mov32(&mut c, EDI, fd(ans));
+    movabs_rsi(&mut c, args + PAYLOAD);
+    mov32(&mut c, EDX, imm(ANSWER));
+    syscall(&mut c);
+    // jmp again
+    let back = -i32::try_from(c.len() + 5).unwrap_or(0);
+    c.push(0xe9);
+    c.extend_from_slice(&back.to_le_bytes());
+    // exit: exit_group(0)
+    let exit = i32::try_from(c.len() - jne_at).unwrap_or(0);
+    c[jne_at - 4..jne_at].copy_from_slice(&exit.to_le_bytes());
+    mov32(&mut c, EAX, 231);
+    c.extend_from_slice(&[0x31, 0xff]);
+    syscall(&mut c);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holders_loop_jumps_where_it_should() {
+        let c = mover_code(0x7000_1000, 3, 5);
+        assert!((c.len() as u64) < PAGE);
+        // The loop starts with read(3, 0x7000_1000, 96).
+        assert_eq!(&c[..10], &[0xb8, 0, 0, 0, 0, 0xbf, 3, 0, 0, 0]);
+        assert_eq!(&c[10..12], &[0x48, 0xbe]);
+        assert_eq!(&c[12..20], &0x7000_1000u64.to_le_bytes());
+        // The jmp at the end of the loop goes back to offset 0.
+        let tail = c.len() - 9;
+        assert_eq!(c[tail - 5], 0xe9);
+        let rel = i32::from_le_bytes(c[tail - 4..tail].try_into().unwrap());
+        assert_eq!(i64::try_from(tail).unwrap() + i64::from(rel), 0);
+        // The jne lands on exit_group(0).
+        let jne = c.windows(2).position(|w| w == [0x0f, 0x85]).unwrap();
+        let rel = i32::from_le_bytes(c[jne + 2..jne + 6].try_into().unwrap());
+        let to = usize::try_from(i64::try_from(jne + 6).unwrap() + i64::from(rel)).unwrap();
+        assert_eq!(to, tail);
+        assert_eq!(&c[to..], &[0xb8, 231, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05]);
     }
-    Some(uffd::moved(out.ret, &args, len))
 }
