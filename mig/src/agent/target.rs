@@ -113,7 +113,19 @@ fn pull_all(link: &Link, lazy: &LazyPages, only: &[(u64, u64)]) -> Result<u64, S
         lazy.install(addr, data)
             .map_err(|e| format!("install {addr:#x}: {e}"))
     };
-    let p = wire::pull(link, only, &install)?;
+    let p = if lazy.staging_bytes() > 0 {
+        // Received straight into warm memory by the holder.
+        let mut pull = wire::Incoming::pull(link, only)?;
+        let (installed, bytes, install_time) =
+            lazy.receive(&mut pull).map_err(|e| e.to_string())?;
+        wire::Pulled {
+            installed,
+            bytes,
+            install_time,
+        }
+    } else {
+        wire::pull(link, only, &install)?
+    };
     tracing::info!(
         move_id = link.move_id,
         mib = p.bytes >> 20,

@@ -147,6 +147,11 @@ impl State {
         self.mms.read()[0].staging.as_ref().map_or(0, |s| s.bytes())
     }
 
+    /// The warm staging, if there is one and it still works.
+    pub fn staging(&self) -> Option<Arc<Staging>> {
+        self.mms.read()[0].staging.clone().filter(|s| s.alive())
+    }
+
     /// Ends warm staging (once nothing installs any more).
     pub fn close_staging(&self) {
         let root = Arc::clone(&self.mms.read()[0]);
@@ -301,7 +306,7 @@ impl State {
             }
         };
         self.c.demand_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        let n = self.install_orig(mm, orig, &data)?;
+        let n = self.install_orig(mm, orig, Bytes::Here(&data))?;
         self.c.demand_pages.fetch_add(n, Ordering::Relaxed);
         // Done unless the page now stands for something else.
         Ok(mm.map.read().at(page) == Some(seg))
@@ -333,8 +338,29 @@ impl State {
     /// space; returns the pages new in the restored process. A child that
     /// is gone (exited, exec'd) is dropped.
     pub fn install(&self, orig: u64, data: &[u8]) -> Result<u64, Stop> {
+        self.install_bytes(orig, Bytes::Here(data))
+    }
+
+    /// [`State::install`] of bytes that are here or already staged. A
+    /// forked child gets staged bytes read back.
+    pub fn install_bytes(&self, orig: u64, data: Bytes<'_>) -> Result<u64, Stop> {
         let mut root = 0;
+        let mut back: Option<Vec<u8>> = None;
         for mm in self.mms() {
+            let data = match data {
+                Bytes::Staged { at, len } if mm.child => {
+                    if back.is_none() {
+                        let sg = self.mms.read()[0].staging.clone();
+                        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                        sg.ok_or(Stop::Sys(Errno::EINVAL))?
+                            .read_back(at, &mut buf)
+                            .map_err(Stop::Sys)?;
+                        back = Some(buf);
+                    }
+                    Bytes::Here(back.as_deref().unwrap_or_default())
+                }
+                d => d,
+            };
             match self.install_orig(&mm, orig, data) {
                 Ok(n) if !mm.child => root = n,
                 Ok(_) => {}
@@ -348,8 +374,8 @@ impl State {
     /// Installs the original's `data` at `orig` wherever it lives now in
     /// `mm`, skipping pages already there and ranges discarded; returns
     /// the pages installed.
-    fn install_orig(&self, mm: &Arc<Mm>, orig: u64, data: &[u8]) -> Result<u64, Stop> {
-        let end = orig + data.len() as u64;
+    fn install_orig(&self, mm: &Arc<Mm>, orig: u64, data: Bytes<'_>) -> Result<u64, Stop> {
+        let end = orig + data.len();
         let mut cursor = orig;
         let mut pages = 0;
         while cursor < end {
@@ -360,9 +386,9 @@ impl State {
             let mut again = None;
             'dests: for (here, o, len) in dests {
                 for (s, e) in missing(mm, here, here + len) {
-                    let off = usize::try_from(o - orig + (s - here)).unwrap_or(usize::MAX);
-                    let n = usize::try_from(e - s).unwrap_or(0);
-                    let src = data.get(off..off + n).ok_or(Stop::Sys(Errno::EINVAL))?;
+                    let src = data
+                        .sub(o - orig + (s - here), e - s)
+                        .ok_or(Stop::Sys(Errno::EINVAL))?;
                     let (done, n, stop) = copy_run(mm, s, src);
                     pages += n;
                     match stop {
@@ -402,18 +428,40 @@ impl State {
 /// kernel refuses is skipped.
 ///
 /// With warm staging the run is first staged and moved in whole
-/// ([`Staging::place`]); whatever that leaves is copied.
-fn copy_run(mm: &Mm, dst: u64, src: &[u8]) -> (u64, u64, Option<Errno>) {
+/// ([`Staging::place`], or [`Staging::move_staged`] when it was received
+/// there); whatever that leaves is copied.
+fn copy_run(mm: &Mm, dst: u64, src: Bytes<'_>) -> (u64, u64, Option<Errno>) {
+    let gaps = |lo, hi| missing(mm, lo, hi);
+    let placed = mm.staging.as_ref().and_then(|sg| match src {
+        Bytes::Here(d) => sg.place(dst, d, &gaps),
+        Bytes::Staged { at, len } => sg.move_staged(dst, at, len, &gaps),
+    });
+    let (dealt, moved) = placed.unwrap_or((0, 0));
+    if dealt >= src.len() {
+        return (dealt, moved / PAGE, None);
+    }
+    let (done, pages, err) = match src {
+        Bytes::Here(d) => copy_pages(mm, dst + dealt, &d[usize::try_from(dealt).unwrap_or(0)..]),
+        Bytes::Staged { at, len } => {
+            let mut buf = vec![0u8; usize::try_from(len - dealt).unwrap_or(0)];
+            let read = mm
+                .staging
+                .as_ref()
+                .ok_or(Errno::EINVAL)
+                .and_then(|sg| sg.read_back(at + dealt, &mut buf));
+            match read {
+                Ok(()) => copy_pages(mm, dst + dealt, &buf),
+                Err(e) => (0, 0, Some(e)),
+            }
+        }
+    };
+    (dealt + done, moved / PAGE + pages, err)
+}
+
+/// The `UFFDIO_COPY` loop of [`copy_run`].
+fn copy_pages(mm: &Mm, dst: u64, src: &[u8]) -> (u64, u64, Option<Errno>) {
     let len = src.len() as u64;
     let (mut at, mut pages) = (0u64, 0u64);
-    let placed = mm
-        .staging
-        .as_ref()
-        .and_then(|sg| sg.place(dst, src, &|lo, hi| missing(mm, lo, hi)));
-    if let Some((dealt, moved)) = placed {
-        at = dealt;
-        pages = moved / PAGE;
-    }
     let mut step = len;
     while at < len {
         let n = step.min(len - at);
@@ -438,6 +486,46 @@ fn copy_run(mm: &Mm, dst: u64, src: &[u8]) -> (u64, u64, Option<Errno>) {
         }
     }
     (at, pages, None)
+}
+
+/// A run's bytes: here, or already in the staging area (received there).
+#[derive(Clone, Copy)]
+pub(super) enum Bytes<'a> {
+    /// In this process.
+    Here(&'a [u8]),
+    /// `len` bytes at `at` of the staging area.
+    Staged {
+        /// Where.
+        at: u64,
+        /// How many.
+        len: u64,
+    },
+}
+
+impl Bytes<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Bytes::Here(d) => d.len() as u64,
+            Bytes::Staged { len, .. } => *len,
+        }
+    }
+
+    /// `n` bytes from `off`.
+    fn sub(&self, off: u64, n: u64) -> Option<Bytes<'_>> {
+        if off.checked_add(n)? > self.len() {
+            return None;
+        }
+        Some(match self {
+            Bytes::Here(d) => {
+                let (o, n) = (usize::try_from(off).ok()?, usize::try_from(n).ok()?);
+                Bytes::Here(d.get(o..o + n)?)
+            }
+            Bytes::Staged { at, .. } => Bytes::Staged {
+                at: at + off,
+                len: n,
+            },
+        })
+    }
 }
 
 /// Whether pagemap entry `e` is a page the process has.

@@ -50,7 +50,8 @@ use std::time::Duration;
 use migfs_proto::image::Image;
 use nix::errno::Errno;
 
-use super::fill::{State, Stop};
+use super::fill::{Bytes, State, Stop};
+use super::wire::Incoming;
 use crate::error::{MigError, PagesError, RestoreCause, RestoreError, Step};
 use crate::restore::inject::{Call, Target};
 use crate::sys::{reap, uffd};
@@ -363,6 +364,82 @@ impl LazyPages {
             }
             .into()),
         }
+    }
+
+    /// Receives every run of `pull` and installs it: with warm staging
+    /// the holder reads each run off the connection into the staging area
+    /// (one copy, into memory that is there already) and it is moved into
+    /// place; otherwise (or once the area is full) runs are read here and
+    /// installed as [`LazyPages::install`] does. Returns the pages newly
+    /// installed, the bytes received and the time spent installing.
+    pub fn receive(&self, pull: &mut Incoming) -> Result<(u64, u64, Duration), MigError> {
+        let Some(inner) = &self.inner else {
+            return Err(PagesError::Refused {
+                pid: 0,
+                what: "no lazy memory to receive into".into(),
+            }
+            .into());
+        };
+        let st = &inner.st;
+        let pid = st.pid;
+        let staging = st.staging();
+        let sock = staging.as_ref().and_then(|sg| {
+            sg.take_fd(pull.socket())
+                .inspect_err(
+                    |e| tracing::warn!(pid, error = %e, "the holder cannot receive; copying"),
+                )
+                .ok()
+                .map(|fd| (Arc::clone(sg), fd))
+        });
+        let refused = |what: String| MigError::from(PagesError::Refused { pid, what });
+        let res = (|| {
+            let (mut n, mut busy) = (0u64, Duration::ZERO);
+            let mut buf = Vec::new();
+            while let Some((addr, len)) = pull.next_run().map_err(refused)? {
+                let size = len as u64;
+                if !addr.is_multiple_of(PAGE) || !size.is_multiple_of(PAGE) {
+                    return Err(refused(format!(
+                        "the page server sent {addr:#x}+{size:#x}: not whole pages"
+                    )));
+                }
+                if let Some(why) = st.failed() {
+                    return Err(PagesError::Failed { pid, why }.into());
+                }
+                let t = std::time::Instant::now();
+                let staged = sock
+                    .as_ref()
+                    .and_then(|(sg, fd)| Some((sg, *fd, sg.reserve(size)?)));
+                let bytes = match staged {
+                    Some((sg, fd, at)) => {
+                        sg.recv(fd, at, size).map_err(refused)?;
+                        Bytes::Staged { at, len: size }
+                    }
+                    None => {
+                        buf.resize(len, 0);
+                        std::io::Read::read_exact(&mut pull.socket(), &mut buf)
+                            .map_err(|e| refused(format!("receive from the page server: {e}")))?;
+                        Bytes::Here(&buf)
+                    }
+                };
+                let got = st.install_bytes(addr, bytes).map_err(|e| match e {
+                    Stop::Gone => MigError::from(PagesError::Gone { pid }),
+                    Stop::Sys(errno) => PagesError::Sys {
+                        pid,
+                        what: format!("install {addr:#x}+{size:#x}"),
+                        errno,
+                    }
+                    .into(),
+                })?;
+                st.c.installed_pages.fetch_add(got, Ordering::Relaxed);
+                n += got;
+                busy += t.elapsed();
+            }
+            Ok((n, pull.bytes(), busy))
+        })();
+        if let Some((sg, fd)) = sock {
+            sg.close_fd(fd);
+        }
+        res
     }
 
     /// The counters so far.

@@ -62,8 +62,10 @@ pub(super) struct Staging {
     dead: AtomicBool,
     /// Requests to the holder and its answers, one at a time.
     chan: Mutex<Option<(std::fs::File, std::fs::File)>>,
-    /// The holder's descriptor of the userfaultfd.
+    /// The holder's descriptor of the userfaultfd, and its pidfd of this
+    /// node (to take more descriptors).
     uffd_fd: u64,
+    pidfd: u64,
     /// Pages moved into place.
     pub moved: AtomicU64,
     /// Time spent writing into the area and moving out of it, and moves.
@@ -123,8 +125,11 @@ impl Staging {
                         [pidfd, raw, 0, 0, 0, 0],
                     )
                 };
-                let fds = (|| Ok::<_, String>([take(&cmd_r)?, take(uffd)?, take(&ans_w)?]))();
-                let _ = call("close", libc::SYS_close, [pidfd, 0, 0, 0, 0, 0]);
+                let fds =
+                    (|| Ok::<_, String>([take(&cmd_r)?, take(uffd)?, take(&ans_w)?, pidfd]))();
+                if fds.is_err() {
+                    let _ = call("close", libc::SYS_close, [pidfd, 0, 0, 0, 0, 0]);
+                }
                 fds
             })
             .inspect_err(|_| {
@@ -167,6 +172,7 @@ impl Staging {
                 std::fs::File::from(ans_r),
             ))),
             uffd_fd: fds[1],
+            pidfd: fds[3],
             moved: AtomicU64::new(0),
             write_ns: AtomicU64::new(0),
             move_ns: AtomicU64::new(0),
@@ -228,27 +234,95 @@ impl Staging {
         data: &[u8],
         missing: &dyn Fn(u64, u64) -> Vec<(u64, u64)>,
     ) -> Option<(u64, u64)> {
-        if self.dead.load(Ordering::Relaxed) {
-            return None;
-        }
         let len = data.len() as u64;
-        let at = {
-            let mut next = self.next.lock();
-            if *next + len > self.end {
-                return None;
-            }
-            let at = *next;
-            *next += len;
-            at
-        };
+        let at = self.reserve(len)?;
         let t = std::time::Instant::now();
         if let Err(e) = mem::write_vm(self.helper, at, data) {
             self.stop(&format!("write into the staging area: {e}"));
             return None;
         }
-        let t_moves = std::time::Instant::now();
-        let ns = |since: std::time::Instant| u64::try_from(since.elapsed().as_nanos()).unwrap_or(0);
         self.write_ns.fetch_add(ns(t), Ordering::Relaxed);
+        self.move_staged(dst, at, len, missing)
+    }
+
+    /// Whether staging still works.
+    pub fn alive(&self) -> bool {
+        !self.dead.load(Ordering::Relaxed)
+    }
+
+    /// The next `len` bytes of the area, if it has them.
+    pub fn reserve(&self, len: u64) -> Option<u64> {
+        if !self.alive() {
+            return None;
+        }
+        let mut next = self.next.lock();
+        if *next + len > self.end {
+            return None;
+        }
+        let at = *next;
+        *next += len;
+        Some(at)
+    }
+
+    /// Reads staged bytes back (to copy what could not be moved).
+    pub fn read_back(&self, at: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        mem::read_vm(self.helper, at, buf)
+    }
+
+    /// Gives the holder a descriptor of `fd` (this node's); its number
+    /// there.
+    pub fn take_fd(&self, fd: &impl AsRawFd) -> Result<u64, String> {
+        let raw = u64::try_from(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+        let (ret, _) = self
+            .call(
+                libc::SYS_pidfd_getfd,
+                [self.pidfd, raw, 0, 0, 0, 0],
+                &[0; 40],
+            )
+            .ok_or("the holder does not answer")?;
+        u64::try_from(ret).map_err(|_| format!("pidfd_getfd in the holder: errno {}", -ret))
+    }
+
+    /// Closes the holder's descriptor `fd`.
+    pub fn close_fd(&self, fd: u64) {
+        let _ = self.call(libc::SYS_close, [fd, 0, 0, 0, 0, 0], &[0; 40]);
+    }
+
+    /// The holder receives exactly `len` bytes from its socket `sock`
+    /// into the area at `at` (reserved).
+    pub fn recv(&self, sock: u64, at: u64, len: u64) -> Result<(), String> {
+        let t = std::time::Instant::now();
+        let args = [sock, at, len, libc::MSG_WAITALL as u64, 0, 0];
+        let (ret, _) = self
+            .call(libc::SYS_recvfrom, args, &[0; 40])
+            .ok_or("the holder does not answer")?;
+        self.write_ns.fetch_add(ns(t), Ordering::Relaxed);
+        if ret == i64::try_from(len).unwrap_or(-1) {
+            return Ok(());
+        }
+        if ret < 0 {
+            return Err(format!(
+                "receive in the holder: {}",
+                Errno::from_raw(i32::try_from(-ret).unwrap_or(0))
+            ));
+        }
+        Err(format!(
+            "the page channel closed after {ret} of {len} bytes"
+        ))
+    }
+
+    /// Moves `len` bytes staged at `at` to `dst` (see [`Staging::place`]).
+    pub fn move_staged(
+        &self,
+        dst: u64,
+        at: u64,
+        len: u64,
+        missing: &dyn Fn(u64, u64) -> Vec<(u64, u64)>,
+    ) -> Option<(u64, u64)> {
+        if !self.alive() {
+            return None;
+        }
+        let t_moves = std::time::Instant::now();
         let end = dst + len;
         let (mut cur, mut moved) = (dst, 0u64);
         // Ranges still to move, in order; the front one is `cur..`.
@@ -363,6 +437,10 @@ impl Staging {
             "warm staging closed"
         );
     }
+}
+
+fn ns(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(0)
 }
 
 /// Seizes the holder (waiting in a call or blocked in its read) and finds
