@@ -1113,6 +1113,79 @@ fn a_staging_holder_killed_midway_leaves_the_pages_to_be_copied() {
     assert!(!has_uffd(copy.pid));
 }
 
+/// A pull of every page of `l`'s original over a real page channel
+/// (the page server reads the frozen original itself), received into the
+/// lazy copy by [`LazyPages::receive`]; the pages it installed.
+fn receive_all(l: &Lazy, lazy: &LazyPages) -> u64 {
+    let origin: Arc<dyn Origin> = Arc::clone(&l.source) as Arc<dyn Origin>;
+    let server = PageServer::start("127.0.0.1".parse().unwrap(), 9, origin).unwrap();
+    let link = Link {
+        addr: server.addr(),
+        move_id: 9,
+        token: server.token(),
+    };
+    let mut pull = Incoming::pull(&link, &[]).expect("pull");
+    let (installed, bytes, _) = lazy.receive(&mut pull).expect("receive");
+    assert!(bytes >= 32 << 20, "{bytes} bytes received");
+    server.close();
+    installed
+}
+
+#[test]
+fn a_pull_is_received_straight_into_the_staging_area() {
+    if !require() {
+        return;
+    }
+    let pool = ready(WarmPool::start(128 << 20).expect("start the pool"));
+    let l = Lazy::new(32);
+    let (copy, lazy, _) = l
+        .restore_staged(SourceFetch::new(&l.source), from_pool(&pool))
+        .expect("restore");
+    assert_eq!(lazy.staging_bytes(), 64 << 20);
+    let installed = receive_all(&l, &lazy);
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.finish();
+    assert!(st.error.is_none(), "{st:?}");
+    assert!(
+        installed >= (32 << 20) / PAGE,
+        "{installed} pages installed"
+    );
+    assert!(st.staged_pages >= (32 << 20) / PAGE, "{st:?}");
+    assert!(!has_uffd(copy.pid));
+}
+
+#[test]
+fn a_pull_is_received_here_when_the_staging_holder_is_gone() {
+    if !require() {
+        return;
+    }
+    let pool = ready(WarmPool::start(128 << 20).expect("start the pool"));
+    let holder = pool.take_for(64 << 20).expect("the 64 MiB holder");
+    let hpid = holder.pid();
+    let l = Lazy::new(32);
+    let (copy, lazy, _) = l
+        .restore_staged(SourceFetch::new(&l.source), this(holder))
+        .expect("restore");
+    assert_eq!(lazy.staging_bytes(), 64 << 20);
+    kill(hpid, Signal::SIGKILL).unwrap();
+    // (The copy runs: a fault may have been staged before the kill.)
+    thread::sleep(Duration::from_millis(50));
+    let before = lazy.stats().staged_pages;
+    let installed = receive_all(&l, &lazy);
+    assert!(
+        installed >= (32 << 20) / PAGE,
+        "{installed} pages installed"
+    );
+    copy.signal(Signal::SIGUSR1);
+    let line = wait_line(&l.out, "verified", WAIT_MS);
+    assert!(line.starts_with("verified ok"), "{line}");
+    let st = lazy.finish();
+    assert!(st.error.is_none(), "{st:?}");
+    assert_eq!(st.staged_pages, before, "{st:?}");
+}
+
 #[test]
 fn discarded_memory_stays_zero_when_a_push_comes_later() {
     if !require() {

@@ -113,18 +113,30 @@ fn pull_all(link: &Link, lazy: &LazyPages, only: &[(u64, u64)]) -> Result<u64, S
         lazy.install(addr, data)
             .map_err(|e| format!("install {addr:#x}: {e}"))
     };
-    let p = if lazy.staging_bytes() > 0 {
+    let staged = (lazy.staging_bytes() > 0).then(|| {
         // Received straight into warm memory by the holder.
         let mut pull = wire::Incoming::pull(link, only)?;
-        let (installed, bytes, install_time) =
-            lazy.receive(&mut pull).map_err(|e| e.to_string())?;
-        wire::Pulled {
+        lazy.receive(&mut pull).map_err(|e| e.to_string())
+    });
+    let p = match staged {
+        Some(Ok((installed, bytes, install_time))) => wire::Pulled {
             installed,
             bytes,
             install_time,
+        },
+        // The holder died (or the channel broke) half-way: what is still
+        // missing comes on a new pull, received here.
+        Some(Err(e)) if lazy.failed().is_none() => {
+            tracing::warn!(move_id = link.move_id, error = %e, "the staged pull failed; pulling the rest");
+            let rest = lazy.pending_origins();
+            if rest.is_empty() {
+                wire::Pulled::default()
+            } else {
+                wire::pull(link, &rest, &install)?
+            }
         }
-    } else {
-        wire::pull(link, only, &install)?
+        Some(Err(e)) => return Err(e),
+        None => wire::pull(link, only, &install)?,
     };
     tracing::info!(
         move_id = link.move_id,

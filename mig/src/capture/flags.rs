@@ -188,12 +188,14 @@ VmFlags: rd wr mr mw me gd ac
     #[test]
     fn a_running_process_reads_the_same_twice_and_matches_its_maps() {
         let me = Pid::this();
-        let a = FlagsSnapshot::take(me).unwrap();
-        assert!(!a.vmas.is_empty());
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        // Allocations of the test harness may add a mapping in between.
-        if maps == a.maps {
-            assert!(a.for_frozen(me).unwrap().1);
-        }
+        // Other tests' threads may map or unmap in between: one quiet try
+        // of twenty is enough.
+        let quiet = (0..20).any(|_| {
+            let a = FlagsSnapshot::take(me).unwrap();
+            assert!(!a.vmas.is_empty());
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            maps == a.maps && a.for_frozen(me).unwrap().1
+        });
+        assert!(quiet, "the flags never matched a second reading");
     }
 }

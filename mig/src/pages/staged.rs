@@ -135,6 +135,13 @@ impl Staging {
             .inspect_err(|_| {
                 let _ = ptrace::detach(helper);
             })?;
+        // The OOM killer ends every process of an address space together:
+        // the holder must not stand out (it had the highest score).
+        std::fs::write(
+            format!("/proc/{helper}/oom_score_adj"),
+            crate::restore::warm::own_oom_score_adj(),
+        )
+        .map_err(|e| format!("the holder's oom_score_adj: {e}"))?;
         let code = mover_code(start + PAGE, fds[0], fds[2]);
         let res = (|| -> Result<(), String> {
             t.write_memory(start, &code)
@@ -234,6 +241,11 @@ impl Staging {
         data: &[u8],
         missing: &dyn Fn(u64, u64) -> Vec<(u64, u64)>,
     ) -> Option<(u64, u64)> {
+        // The holder is busy (receiving a run): a fault is not kept
+        // waiting for it, it copies.
+        if self.chan.is_locked() {
+            return None;
+        }
         let len = data.len() as u64;
         let at = self.reserve(len)?;
         let t = std::time::Instant::now();
