@@ -4,7 +4,10 @@
 //! around it) from [`PageFetch`] when the process first touches it, and
 //! [`LazyPages::install`] lets any thread push pages in while it runs.
 //! [`LazyPages::finish`] closes the userfaultfd, which unregisters
-//! everything: after that the process owes nothing to the source.
+//! everything: after that the process owes nothing to the source. With
+//! warm memory ([`LazyConfig::warm`]) pages are staged in it and moved
+//! into place (`super::staged`); [`LazyPages::receive`] has a pull's runs
+//! received straight into it.
 //!
 //! # What the process does to its memory meanwhile
 //! The userfaultfd reports `MADV_DONTNEED`/`MADV_FREE` (remove), munmap
