@@ -338,16 +338,30 @@ impl Lazy {
         Lazy::build(mib, 0, true)
     }
 
+    /// [`Lazy::new`] of a process of user `uid`.
+    fn as_user(mib: u64, uid: u32) -> Lazy {
+        Lazy::build_as(mib, 0, false, Some(uid))
+    }
+
     fn build(mib: u64, threads: usize, hole: bool) -> Lazy {
+        Lazy::build_as(mib, threads, hole, None)
+    }
+
+    fn build_as(mib: u64, threads: usize, hole: bool, uid: Option<u32>) -> Lazy {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
+        if uid.is_some() {
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        }
         let out = dir.path().join("out.txt");
-        let orig = Proc::start(
+        let orig = Proc::start_as(
             &prog("lazy_mem"),
             &[
                 out.to_str().unwrap(),
                 &mib.to_string(),
                 &threads.to_string(),
             ],
+            uid,
         );
         let start = parse_addr(&wait_line(&out, "filled", WAIT_MS));
         if hole {
@@ -394,18 +408,24 @@ impl Lazy {
     /// Restores the copy with `fetch`; the copy's guard, its lazy pages,
     /// and how long the restore took.
     fn restore(&self, fetch: Arc<dyn PageFetch>) -> Result<(Proc, LazyPages, Duration), String> {
-        self.restore_staged(fetch, None)
+        self.restore_staged(fetch, None, None)
     }
 
-    /// [`Lazy::restore`] staging its pages in `warm`.
+    /// [`Lazy::restore`] staging its pages in `warm`, the holder taking
+    /// `pull_socket` for [`LazyPages::receive`].
     fn restore_staged(
         &self,
         fetch: Arc<dyn PageFetch>,
         warm: Option<WarmTake>,
+        pull_socket: Option<std::net::TcpStream>,
     ) -> Result<(Proc, LazyPages, Duration), String> {
         let t = Instant::now();
         let extras = Extras {
-            lazy: Some(LazyConfig { fetch, warm }),
+            lazy: Some(LazyConfig {
+                fetch,
+                warm,
+                pull_socket,
+            }),
             ..Extras::default()
         };
         let mut r = restore::restore_with(
@@ -1016,7 +1036,7 @@ fn a_lazy_copy_stages_its_pages_in_warm_memory_and_keeps_no_trace_of_it() {
     let l = Lazy::new(64);
     let before = rss_anon(l.orig.pid());
     let (copy, lazy, _) = l
-        .restore_staged(SourceFetch::new(&l.source), from_pool(&pool))
+        .restore_staged(SourceFetch::new(&l.source), from_pool(&pool), None)
         .expect("restore");
     let staged = lazy.staging_bytes();
     assert_eq!(staged, 128 << 20, "staging area of {staged} bytes");
@@ -1085,7 +1105,7 @@ fn a_staging_holder_killed_midway_leaves_the_pages_to_be_copied() {
     let hpid = holder.pid();
     let l = Lazy::new(32);
     let (copy, lazy, _) = l
-        .restore_staged(SourceFetch::new(&l.source), this(holder))
+        .restore_staged(SourceFetch::new(&l.source), this(holder), None)
         .expect("restore");
     assert_eq!(lazy.staging_bytes(), 64 << 20);
     // Half of it is pushed through staging, then its holder dies.
@@ -1113,10 +1133,8 @@ fn a_staging_holder_killed_midway_leaves_the_pages_to_be_copied() {
     assert!(!has_uffd(copy.pid));
 }
 
-/// A pull of every page of `l`'s original over a real page channel
-/// (the page server reads the frozen original itself), received into the
-/// lazy copy by [`LazyPages::receive`]; the pages it installed.
-fn receive_all(l: &Lazy, lazy: &LazyPages) -> u64 {
+/// A page server for `l`'s frozen original (it reads it itself).
+fn serve(l: &Lazy) -> (PageServer, Link) {
     let origin: Arc<dyn Origin> = Arc::clone(&l.source) as Arc<dyn Origin>;
     let server = PageServer::start("127.0.0.1".parse().unwrap(), 9, origin).unwrap();
     let link = Link {
@@ -1124,11 +1142,25 @@ fn receive_all(l: &Lazy, lazy: &LazyPages) -> u64 {
         move_id: 9,
         token: server.token(),
     };
-    let mut pull = Incoming::pull(&link, &[]).expect("pull");
-    let (installed, bytes, _) = lazy.receive(&mut pull).expect("receive");
+    (server, link)
+}
+
+/// A pull of every page of `l`'s original on `link`, received into the
+/// lazy copy by [`LazyPages::receive`]; the pages it installed.
+fn receive_all(lazy: &LazyPages, link: &Link) -> u64 {
+    let (installed, bytes, _) = lazy.receive(link, &[]).expect("receive");
     assert!(bytes >= 32 << 20, "{bytes} bytes received");
-    server.close();
     installed
+}
+
+/// The effective uid of `pid`.
+fn euid(pid: Pid) -> u32 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1)?.parse().ok())
+        .expect("Uid in /proc/PID/status")
 }
 
 #[test]
@@ -1137,12 +1169,21 @@ fn a_pull_is_received_straight_into_the_staging_area() {
         return;
     }
     let pool = ready(WarmPool::start(128 << 20).expect("start the pool"));
-    let l = Lazy::new(32);
+    let holder = pool.take_for(64 << 20).expect("the 64 MiB holder");
+    let hpid = holder.pid();
+    // A process of another user: the holder must not run as root.
+    let l = Lazy::as_user(32, 65534);
+    let (server, link) = serve(&l);
+    let socket = Incoming::connect(&link).expect("connect");
     let (copy, lazy, _) = l
-        .restore_staged(SourceFetch::new(&l.source), from_pool(&pool))
+        .restore_staged(SourceFetch::new(&l.source), this(holder), Some(socket))
         .expect("restore");
     assert_eq!(lazy.staging_bytes(), 64 << 20);
-    let installed = receive_all(&l, &lazy);
+    // The holder took on the process's ids before the process ran.
+    assert_eq!(euid(copy.pid()), 65534);
+    assert_eq!(euid(hpid), 65534);
+    let installed = receive_all(&lazy, &link);
+    server.close();
     copy.signal(Signal::SIGUSR1);
     let line = wait_line(&l.out, "verified", WAIT_MS);
     assert!(line.starts_with("verified ok"), "{line}");
@@ -1165,15 +1206,18 @@ fn a_pull_is_received_here_when_the_staging_holder_is_gone() {
     let holder = pool.take_for(64 << 20).expect("the 64 MiB holder");
     let hpid = holder.pid();
     let l = Lazy::new(32);
+    let (server, link) = serve(&l);
+    let socket = Incoming::connect(&link).expect("connect");
     let (copy, lazy, _) = l
-        .restore_staged(SourceFetch::new(&l.source), this(holder))
+        .restore_staged(SourceFetch::new(&l.source), this(holder), Some(socket))
         .expect("restore");
     assert_eq!(lazy.staging_bytes(), 64 << 20);
     kill(hpid, Signal::SIGKILL).unwrap();
     // (The copy runs: a fault may have been staged before the kill.)
     thread::sleep(Duration::from_millis(50));
     let before = lazy.stats().staged_pages;
-    let installed = receive_all(&l, &lazy);
+    let installed = receive_all(&lazy, &link);
+    server.close();
     assert!(
         installed >= (32 << 20) / PAGE,
         "{installed} pages installed"

@@ -113,11 +113,9 @@ fn pull_all(link: &Link, lazy: &LazyPages, only: &[(u64, u64)]) -> Result<u64, S
         lazy.install(addr, data)
             .map_err(|e| format!("install {addr:#x}: {e}"))
     };
-    let staged = (lazy.staging_bytes() > 0).then(|| {
-        // Received straight into warm memory by the holder.
-        let mut pull = wire::Incoming::pull(link, only)?;
-        lazy.receive(&mut pull).map_err(|e| e.to_string())
-    });
+    // Received straight into warm memory by the holder.
+    let staged =
+        (lazy.staging_bytes() > 0).then(|| lazy.receive(link, only).map_err(|e| e.to_string()));
     let p = match staged {
         Some(Ok((installed, bytes, install_time))) => wire::Pulled {
             installed,
@@ -350,12 +348,24 @@ fn rebuild(
         }),
         None => remote,
     };
-    let lazy = stream.is_none().then(|| LazyConfig {
-        fetch,
-        warm: inner
+    let lazy = stream.is_none().then(|| {
+        let warm = inner
             .warm
             .clone()
-            .map(|pool| -> WarmTake { Box::new(move |need| pool.take_for(need)) }),
+            .map(|pool| -> WarmTake { Box::new(move |need| pool.take_for(need)) });
+        // The staging holder receives the pull on a connection it takes
+        // before the process runs (and before it gives up our privileges).
+        let pull_socket = match (&warm, &copied) {
+            (Some(_), None) => wire::Incoming::connect(&link)
+                .inspect_err(|e| tracing::warn!(error = %e, "no connection for the staged pull"))
+                .ok(),
+            _ => None,
+        };
+        LazyConfig {
+            fetch,
+            warm,
+            pull_socket,
+        }
     });
     let ev2 = ev.clone();
     let pre2 = Arc::clone(&preloaded);

@@ -54,7 +54,7 @@ use migfs_proto::image::Image;
 use nix::errno::Errno;
 
 use super::fill::{Bytes, State, Stop};
-use super::wire::Incoming;
+use super::wire::{Incoming, Link};
 use crate::error::{MigError, PagesError, RestoreCause, RestoreError, Step};
 use crate::restore::inject::{Call, Target};
 use crate::sys::{reap, uffd};
@@ -85,6 +85,10 @@ pub struct LazyConfig {
     /// Warm memory to stage pages in ([`super::staged`]), asked for
     /// [`staging_need`] bytes.
     pub warm: Option<crate::restore::warm::WarmTake>,
+    /// A bulk connection to the page server that has asked for nothing
+    /// yet ([`super::wire::Incoming::connect`]): the staging holder takes
+    /// it before the process runs and [`LazyPages::receive`] pulls on it.
+    pub pull_socket: Option<std::net::TcpStream>,
 }
 
 /// Bytes of warm memory a lazy restore of `img` stages its pages in: its
@@ -163,7 +167,7 @@ pub fn start<T: Target>(
     let lazy = super::ranges::normalize(super::lazy_ranges(img));
     let mut lp = LazyPages { inner: None };
     if !lazy.is_empty() {
-        let (st, kick_r) = make_state(t, &lazy)?;
+        let (st, kick_r) = make_state(t, img, &lazy, cfg.pull_socket)?;
         let st = Arc::new(st);
         let (stop_r, stop_w) = uffd::pipe().map_err(restore_sys("pipe".into()))?;
         let (st2, fetch) = (Arc::clone(&st), Arc::clone(&cfg.fetch));
@@ -188,7 +192,12 @@ pub fn start<T: Target>(
 
 /// The lazy state of the stub `t`: its userfaultfd with every lazy range
 /// registered. Also returns the read end of the kick pipe.
-fn make_state<T: Target>(t: &mut T, lazy: &[(u64, u64)]) -> Result<(State, OwnedFd), RestoreError> {
+fn make_state<T: Target>(
+    t: &mut T,
+    img: &Image,
+    lazy: &[(u64, u64)],
+    socket: Option<std::net::TcpStream>,
+) -> Result<(State, OwnedFd), RestoreError> {
     let available = uffd::available_features().map_err(restore_err("userfaultfd features"))?;
     if available & FEATURES != FEATURES {
         return Err(RestoreError::new(
@@ -211,7 +220,7 @@ fn make_state<T: Target>(t: &mut T, lazy: &[(u64, u64)]) -> Result<(State, Owned
             .map_err(restore_sys(format!("UFFDIO_REGISTER {s:#x}-{e:#x}")))?;
     }
     let staging = match holder {
-        Some(h) if features & uffd::FEATURE_MOVE != 0 => stage(t, &ours, h),
+        Some(h) if features & uffd::FEATURE_MOVE != 0 => stage(t, img, &ours, h, socket),
         // Dropped: the holder is killed; the stub unmaps its memory.
         _ => None,
     };
@@ -227,8 +236,10 @@ fn make_state<T: Target>(t: &mut T, lazy: &[(u64, u64)]) -> Result<(State, Owned
 /// when that cannot be set up, and then the stub unmaps the area.
 fn stage<T: Target>(
     t: &mut T,
+    img: &Image,
     uffd: &OwnedFd,
     holder: crate::restore::warm::Warm,
+    socket: Option<std::net::TcpStream>,
 ) -> Option<Arc<super::staged::Staging>> {
     let pid = holder.pid().as_raw();
     let (start, end) = t.take_warm()?;
@@ -244,9 +255,12 @@ fn stage<T: Target>(
         .map_err(|e| format!("MADV_DONTFORK: {e}"))?;
         uffd::register(uffd, start, end - start, uffd::MODE_MISSING)
             .map_err(|e| format!("register the staging area: {e}"))?;
-        super::staged::Staging::start(t, holder, start, end, uffd).inspect_err(|_| {
-            let _ = uffd::unregister(uffd, start, end - start);
-        })
+        let creds = img.process.as_ref().and_then(|p| p.creds.as_ref());
+        super::staged::Staging::start(t, holder, start, end, uffd, socket, creds).inspect_err(
+            |_| {
+                let _ = uffd::unregister(uffd, start, end - start);
+            },
+        )
     })();
     match res {
         Ok(s) => {
@@ -369,13 +383,18 @@ impl LazyPages {
         }
     }
 
-    /// Receives every run of `pull` and installs it: with warm staging
-    /// the holder reads each run off the connection into the staging area
+    /// Pulls every present page of the original (inside `only` unless it
+    /// is empty) from `link` and installs it: with warm staging the holder
+    /// reads each run off its connection into the staging area
     /// (one copy, into memory that is there already) and it is moved into
     /// place; otherwise (or once the area is full) runs are read here and
     /// installed as [`LazyPages::install`] does. Returns the pages newly
     /// installed, the bytes received and the time spent installing.
-    pub fn receive(&self, pull: &mut Incoming) -> Result<(u64, u64, Duration), MigError> {
+    pub fn receive(
+        &self,
+        link: &Link,
+        only: &[(u64, u64)],
+    ) -> Result<(u64, u64, Duration), MigError> {
         let Some(inner) = &self.inner else {
             return Err(PagesError::Refused {
                 pid: 0,
@@ -385,16 +404,17 @@ impl LazyPages {
         };
         let st = &inner.st;
         let pid = st.pid;
-        let staging = st.staging();
-        let sock = staging.as_ref().and_then(|sg| {
-            sg.take_fd(pull.socket())
-                .inspect_err(
-                    |e| tracing::warn!(pid, error = %e, "the holder cannot receive; copying"),
-                )
-                .ok()
-                .map(|fd| (Arc::clone(sg), fd))
-        });
         let refused = |what: String| MigError::from(PagesError::Refused { pid, what });
+        // The holder's connection while staging works, else a new one,
+        // received here.
+        let taken = st.staging().and_then(|sg| Some((sg.take_socket()?, sg)));
+        let (mut pull, sock) = match taken {
+            Some(((s, fd), sg)) => (
+                Incoming::request(s, link, only).map_err(refused)?,
+                Some((sg, fd)),
+            ),
+            None => (Incoming::pull(link, only).map_err(refused)?, None),
+        };
         let res = (|| {
             let (mut n, mut busy) = (0u64, Duration::ZERO);
             let mut buf = Vec::new();

@@ -33,6 +33,8 @@ use nix::errno::Errno;
 use nix::unistd::Pid;
 use parking_lot::Mutex;
 
+use migfs_proto::image::Creds;
+
 use crate::restore::inject::{Call, Target};
 use crate::restore::warm::Warm;
 use crate::sys::{abi, inject, mem, procfs, ptrace, uffd, vdso};
@@ -62,10 +64,11 @@ pub(super) struct Staging {
     dead: AtomicBool,
     /// Requests to the holder and its answers, one at a time.
     chan: Mutex<Option<(std::fs::File, std::fs::File)>>,
-    /// The holder's descriptor of the userfaultfd, and its pidfd of this
-    /// node (to take more descriptors).
+    /// The holder's descriptor of the userfaultfd.
     uffd_fd: u64,
-    pidfd: u64,
+    /// The pull's connection (not asked yet) and the holder's descriptor
+    /// of it, until [`Staging::take_socket`].
+    socket: Mutex<Option<(std::net::TcpStream, u64)>>,
     /// Pages moved into place.
     pub moved: AtomicU64,
     /// Time spent writing into the area and moving out of it, and moves.
@@ -79,12 +82,16 @@ impl Staging {
     /// `t` was made from, registered with `uffd`, this node's descriptor
     /// of its userfaultfd) and lets `holder` run the moves. `t` must
     /// still be stopped; this thread traces it.
+    /// The holder takes `socket` too (a pull's connection), and takes on
+    /// the process's `creds`.
     pub fn start<T: Target>(
         t: &mut T,
         holder: Warm,
         start: u64,
         end: u64,
         uffd: &OwnedFd,
+        socket: Option<std::net::TcpStream>,
+        creds: Option<&Creds>,
     ) -> Result<Staging, String> {
         let helper = holder.pid();
         if end - start < 3 * PAGE {
@@ -95,46 +102,96 @@ impl Staging {
         let (ans_r, ans_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         let node = u64::from(std::process::id());
-        let fds = seize(helper)
-            .and_then(|insn| {
-                let call = |what: &str, nr: i64, args: [u64; 6]| -> Result<u64, String> {
-                    inject::syscall(helper, insn, nr, args)
-                        .map_err(|e| format!("{what} in the holder: {e}"))?
-                        .result()
-                        .map_err(|e| format!("{what} in the holder: {e}"))
-                };
-                // It must never dump the process's memory.
-                let zero = [0u8; 16];
-                mem::write_vm(helper, start + PAGE, &zero).map_err(|e| e.to_string())?;
-                call(
-                    "prlimit64",
-                    libc::SYS_prlimit64,
-                    [0, libc::RLIMIT_CORE as u64, start + PAGE, 0, 0, 0],
-                )?;
-                call(
-                    "prctl",
-                    libc::SYS_prctl,
-                    [abi::PR_SET_DUMPABLE, 0, 0, 0, 0, 0],
-                )?;
-                let pidfd = call("pidfd_open", libc::SYS_pidfd_open, [node, 0, 0, 0, 0, 0])?;
-                let take = |fd: &OwnedFd| {
-                    let raw = u64::try_from(fd.as_raw_fd()).unwrap_or(u64::MAX);
-                    call(
-                        "pidfd_getfd",
-                        libc::SYS_pidfd_getfd,
-                        [pidfd, raw, 0, 0, 0, 0],
-                    )
-                };
-                let fds =
-                    (|| Ok::<_, String>([take(&cmd_r)?, take(uffd)?, take(&ans_w)?, pidfd]))();
-                if fds.is_err() {
-                    let _ = call("close", libc::SYS_close, [pidfd, 0, 0, 0, 0, 0]);
+        let args = start + PAGE;
+        // On any error below the holder is dropped, killed while traced:
+        // it never runs its own code again.
+        let insn = seize(helper)?;
+        let call = |what: &str, nr: i64, a: [u64; 6]| -> Result<u64, String> {
+            inject::syscall(helper, insn, nr, a)
+                .map_err(|e| format!("{what} in the holder: {e}"))?
+                .result()
+                .map_err(|e| format!("{what} in the holder: {e}"))
+        };
+        let put = |at: u64, bytes: &[u8]| {
+            mem::write_vm(helper, at, bytes).map_err(|e| format!("write into the holder: {e}"))
+        };
+        // It must never dump the process's memory.
+        put(args, &[0u8; 16])?;
+        call(
+            "prlimit64",
+            libc::SYS_prlimit64,
+            [0, libc::RLIMIT_CORE as u64, args, 0, 0, 0],
+        )?;
+        let pidfd = call("pidfd_open", libc::SYS_pidfd_open, [node, 0, 0, 0, 0, 0])?;
+        let take = |fd: i32| {
+            let raw = u64::try_from(fd).unwrap_or(u64::MAX);
+            call(
+                "pidfd_getfd",
+                libc::SYS_pidfd_getfd,
+                [pidfd, raw, 0, 0, 0, 0],
+            )
+        };
+        let fds = (|| {
+            let fds = [
+                take(cmd_r.as_raw_fd())?,
+                take(uffd.as_raw_fd())?,
+                take(ans_w.as_raw_fd())?,
+            ];
+            let sock = socket
+                .map(|s| Ok::<_, String>((take(s.as_raw_fd())?, s)))
+                .transpose()?;
+            Ok::<_, String>((fds, sock))
+        })();
+        let _ = call("close", libc::SYS_close, [pidfd, 0, 0, 0, 0, 0]);
+        let (fds, sock) = fds?;
+        // From here it is the process, as far as the kernel can tell: its
+        // groups, ids and capabilities (the process can rewrite the
+        // holder's code, which must not run with more than it has), no
+        // new privileges, not dumpable (no ptrace by the process either).
+        if let Some(c) = creds {
+            let ids = |v: &[u32]| -> Result<[u64; 3], String> {
+                match v {
+                    [r, e, s, ..] => Ok([u64::from(*r), u64::from(*e), u64::from(*s)]),
+                    _ => Err("incomplete ids in the image".into()),
                 }
-                fds
-            })
-            .inspect_err(|_| {
-                let _ = ptrace::detach(helper);
-            })?;
+            };
+            let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+            if groups.len() > 2048 {
+                return Err(format!("{} supplementary groups", c.groups.len()));
+            }
+            put(args + 1024, &groups)?;
+            call(
+                "setgroups",
+                libc::SYS_setgroups,
+                [c.groups.len() as u64, args + 1024, 0, 0, 0, 0],
+            )?;
+            let [r, e, s] = ids(&c.gids)?;
+            call("setresgid", libc::SYS_setresgid, [r, e, s, 0, 0, 0])?;
+            let [r, e, s] = ids(&c.uids)?;
+            call("setresuid", libc::SYS_setresuid, [r, e, s, 0, 0, 0])?;
+            let lo = |v: u64| (v & 0xffff_ffff).to_ne_bytes()[..4].to_vec();
+            let hi = |v: u64| (v >> 32).to_ne_bytes()[..4].to_vec();
+            let mut cap = Vec::with_capacity(32);
+            cap.extend_from_slice(&0x2008_0522u32.to_ne_bytes());
+            cap.extend_from_slice(&0u32.to_ne_bytes());
+            for half in [lo, hi] {
+                cap.extend(half(c.cap_eff));
+                cap.extend(half(c.cap_prm));
+                cap.extend(half(c.cap_inh));
+            }
+            put(args, &cap)?;
+            call("capset", libc::SYS_capset, [args, args + 8, 0, 0, 0, 0])?;
+        }
+        call(
+            "prctl",
+            libc::SYS_prctl,
+            [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+        )?;
+        call(
+            "prctl",
+            libc::SYS_prctl,
+            [abi::PR_SET_DUMPABLE, 0, 0, 0, 0, 0],
+        )?;
         // The OOM killer ends every process of an address space together:
         // the holder must not stand out (it had the highest score).
         std::fs::write(
@@ -164,8 +221,8 @@ impl Staging {
             ptrace::setregs(helper, &regs).map_err(|e| e.to_string())?;
             Ok(())
         })();
-        ptrace::detach(helper).map_err(|e| format!("PTRACE_DETACH the holder: {e}"))?;
         res?;
+        ptrace::detach(helper).map_err(|e| format!("PTRACE_DETACH the holder: {e}"))?;
         drop((cmd_r, ans_w));
         Ok(Staging {
             holder: Mutex::new(Some(holder)),
@@ -179,7 +236,7 @@ impl Staging {
                 std::fs::File::from(ans_r),
             ))),
             uffd_fd: fds[1],
-            pidfd: fds[3],
+            socket: Mutex::new(sock.map(|(fd, s)| (s, fd))),
             moved: AtomicU64::new(0),
             write_ns: AtomicU64::new(0),
             move_ns: AtomicU64::new(0),
@@ -281,18 +338,10 @@ impl Staging {
         mem::read_vm(self.helper, at, buf)
     }
 
-    /// Gives the holder a descriptor of `fd` (this node's); its number
-    /// there.
-    pub fn take_fd(&self, fd: &impl AsRawFd) -> Result<u64, String> {
-        let raw = u64::try_from(fd.as_raw_fd()).map_err(|e| e.to_string())?;
-        let (ret, _) = self
-            .call(
-                libc::SYS_pidfd_getfd,
-                [self.pidfd, raw, 0, 0, 0, 0],
-                &[0; 40],
-            )
-            .ok_or("the holder does not answer")?;
-        u64::try_from(ret).map_err(|_| format!("pidfd_getfd in the holder: errno {}", -ret))
+    /// The pull's connection the holder has a descriptor of, and that
+    /// descriptor (once).
+    pub fn take_socket(&self) -> Option<(std::net::TcpStream, u64)> {
+        self.socket.lock().take()
     }
 
     /// Closes the holder's descriptor `fd`.

@@ -846,8 +846,20 @@ impl Incoming {
     /// Asks `link` for every present page of the original (those inside
     /// `only` unless it is empty).
     pub fn pull(link: &Link, only: &[(u64, u64)]) -> Result<Incoming, String> {
-        let mut s = link.connect(Kind::Bulk)?;
+        Incoming::request(Incoming::connect(link)?, link, only)
+    }
+
+    /// A bulk connection to `link`, past the hello, that has asked for
+    /// nothing yet (a lazy target hands it to its staging holder before
+    /// the process runs, [`crate::pages::LazyConfig::pull_socket`]).
+    pub fn connect(link: &Link) -> Result<TcpStream, String> {
+        let s = link.connect(Kind::Bulk)?;
         deep_buffers(&s);
+        Ok(s)
+    }
+
+    /// [`Incoming::pull`] on `s`, from [`Incoming::connect`].
+    pub fn request(mut s: TcpStream, link: &Link, only: &[(u64, u64)]) -> Result<Incoming, String> {
         s.write_all(&frame::pull(only))
             .map_err(|e| io_words(link.addr, &e))?;
         Ok(Incoming {

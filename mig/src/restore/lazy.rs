@@ -84,6 +84,7 @@ pub fn restore_lazy(
         lazy: Some(LazyConfig {
             fetch: Arc::clone(&src) as Arc<dyn crate::pages::PageFetch>,
             warm: None,
+            pull_socket: None,
         }),
         ..extras
     };
