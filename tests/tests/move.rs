@@ -219,9 +219,44 @@ fn precopy_of_a_process_that_keeps_writing() {
 #[test]
 fn lazy_move_with_random_touches_completes_and_the_source_lets_go() {
     let Some(c) = cluster() else { return };
+    random_touches_after_a_lazy_move(&c);
+}
+
+/// The same with warm memory on the nodes: the pages are staged in it and
+/// moved into place while the process faults all over them.
+#[test]
+fn lazy_move_with_random_touches_through_warm_staging() {
+    if !require_priv() || !have_gcc() {
+        return;
+    }
+    let c = Cluster::up_with_env(2, &[("MIGFS_WARM_MEMORY", "640")]);
+    assert!(
+        within(60_000, || log_count(&c, "n2", "all warm memory ready") >= 1),
+        "n2 made no warm memory"
+    );
+    random_touches_after_a_lazy_move(&c);
+    assert_eq!(log_count(&c, "n2", "placed in warm memory"), 1);
+    let log = fs::read_to_string(c.log("n2")).unwrap_or_default();
+    let staged: u64 = log
+        .lines()
+        .rfind(|l| l.contains("pages pulled"))
+        .and_then(|l| {
+            l.split("staged=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(staged > 0, "nothing was staged:\n{log}");
+}
+
+/// 256 MiB of `move_touch` moved lazily n1 -> n2 on `c` and checked.
+fn random_touches_after_a_lazy_move(c: &Cluster) {
     let bin = prog("move_touch", false);
     let pid = start_on(
-        &c,
+        c,
         "n1",
         &[bin.to_str().unwrap(), "/migfs/touch.txt", "256", "64"],
     );
@@ -229,7 +264,7 @@ fn lazy_move_with_random_touches_completes_and_the_source_lets_go() {
     assert!(within(60_000, || fs::read_to_string(&out)
         .unwrap_or_default()
         .contains("filled")));
-    let r = move_json(&c, "n1", &pid.to_string(), "n2", &["--lazy"]);
+    let r = move_json(c, "n1", &pid.to_string(), "n2", &["--lazy"]);
     let pid2 = pid_of(&r);
     assert!(
         field(&r, "pages_push") + field(&r, "pages_demand") >= 256 * 256 - 1024,
@@ -237,7 +272,7 @@ fn lazy_move_with_random_touches_completes_and_the_source_lets_go() {
     );
     assert!(field(&r, "pages_demand") > 0, "no page faulted: {r}");
     assert!(
-        !alive(&c, "n1", pid),
+        !alive(c, "n1", pid),
         "the frozen original was not destroyed"
     );
     c.exec_ok("n2", &["kill", "-USR1", &pid2.to_string()]);
@@ -250,7 +285,7 @@ fn lazy_move_with_random_touches_completes_and_the_source_lets_go() {
     let text = fs::read_to_string(&out).unwrap();
     assert!(text.contains("verified ok"), "{}", tail(&text));
     assert!(!text.contains("BAD"), "{}", tail(&text));
-    assert!(alive(&c, "n2", pid2));
+    assert!(alive(c, "n2", pid2));
 }
 
 fn tail(text: &str) -> String {
