@@ -884,6 +884,20 @@ fn from_pool(pool: &Arc<WarmPool>) -> Option<WarmTake> {
     Some(Box::new(move |need| pool.take_for(need)))
 }
 
+/// A copy of `l` that was verified once (and had forked `children`
+/// checking children before) allocates more memory, forks a child that
+/// checks every page, mremaps a quarter, and verifies again.
+fn runs_on(copy: &Proc, l: &Lazy, children: usize) {
+    copy.signal(Signal::SIGHUP);
+    assert_eq!(wait_line(&l.out, "alloc", WAIT_MS), "alloc ok");
+    copy.signal(Signal::SIGWINCH);
+    assert_eq!(wait_nth(&l.out, "child", children + 1, WAIT_MS), "child ok");
+    copy.signal(Signal::SIGALRM);
+    assert_eq!(wait_line(&l.out, "moved", WAIT_MS), "moved ok");
+    copy.signal(Signal::SIGUSR1);
+    assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+}
+
 /// Exactly `w`, whatever the need.
 fn this(w: Warm) -> Option<WarmTake> {
     Some(Box::new(move |_| Some(w)))
@@ -929,14 +943,7 @@ fn a_stream_copy_lands_in_warm_memory_and_keeps_its_holes() {
     let line = wait_line(&l.out, "verified", WAIT_MS);
     assert!(line.starts_with("verified ok"), "{line}");
     // It runs on in that memory: more memory, a fork, a mremap.
-    copy.signal(Signal::SIGHUP);
-    assert_eq!(wait_line(&l.out, "alloc", WAIT_MS), "alloc ok");
-    copy.signal(Signal::SIGWINCH);
-    assert_eq!(wait_line(&l.out, "child", WAIT_MS), "child ok");
-    copy.signal(Signal::SIGALRM);
-    assert_eq!(wait_line(&l.out, "moved", WAIT_MS), "moved ok");
-    copy.signal(Signal::SIGUSR1);
-    assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+    runs_on(&copy, &l, 0);
     // The pool made a new 128 MiB holder, and only that one.
     assert!(pool.wait_ready(Duration::from_secs(60)));
     assert_eq!(pool.made(), 6);
@@ -1081,15 +1088,8 @@ fn a_lazy_copy_stages_its_pages_in_warm_memory_and_keeps_no_trace_of_it() {
         before >> 10
     );
     assert!(!has_uffd(copy.pid) && !has_uffd_ranges(copy.pid));
-    // It runs on: more memory, a mremap, a fork, all checked.
-    copy.signal(Signal::SIGHUP);
-    assert_eq!(wait_line(&l.out, "alloc", WAIT_MS), "alloc ok");
-    copy.signal(Signal::SIGALRM);
-    assert_eq!(wait_line(&l.out, "moved", WAIT_MS), "moved ok");
-    copy.signal(Signal::SIGWINCH);
-    assert_eq!(wait_nth(&l.out, "child", 2, WAIT_MS), "child ok");
-    copy.signal(Signal::SIGUSR1);
-    assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+    // It runs on: more memory, a fork, a mremap, all checked.
+    runs_on(&copy, &l, 1);
     // The holder was replaced, and only that one.
     assert!(pool.wait_ready(Duration::from_secs(60)));
     assert_eq!(pool.made(), 6);

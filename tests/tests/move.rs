@@ -236,20 +236,7 @@ fn lazy_move_with_random_touches_through_warm_staging() {
     );
     random_touches_after_a_lazy_move(&c);
     assert_eq!(log_count(&c, "n2", "placed in warm memory"), 1);
-    let log = fs::read_to_string(c.log("n2")).unwrap_or_default();
-    let staged: u64 = log
-        .lines()
-        .rfind(|l| l.contains("pages pulled"))
-        .and_then(|l| {
-            l.split("staged=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0);
-    assert!(staged > 0, "nothing was staged:\n{log}");
+    assert!(staged_pages(&c, "n2") > 0, "nothing was staged");
 }
 
 /// 256 MiB of `move_touch` moved lazily n1 -> n2 on `c` and checked.
@@ -843,11 +830,23 @@ fn log_count(c: &Cluster, node: &str, what: &str) -> usize {
 
 /// The MiB of the last "placed in warm memory" line of `node`'s log.
 fn placed_mib(c: &Cluster, node: &str) -> u64 {
+    log_field(c, node, "placed in warm memory", "mib")
+}
+
+/// Pages moved in from warm staging, by the last "pages pulled" line of
+/// `node`'s log.
+fn staged_pages(c: &Cluster, node: &str) -> u64 {
+    log_field(c, node, "pages pulled", "staged")
+}
+
+/// The number `key=` says on the last line of `node`'s log with `what`
+/// (0 if none).
+fn log_field(c: &Cluster, node: &str, what: &str, key: &str) -> u64 {
     let log = fs::read_to_string(c.log(node)).unwrap_or_default();
     log.lines()
-        .rfind(|l| l.contains("placed in warm memory"))
+        .rfind(|l| l.contains(what))
         .and_then(|l| {
-            l.split("mib=")
+            l.split(&format!("{key}="))
                 .nth(1)?
                 .split_whitespace()
                 .next()?
@@ -876,19 +875,7 @@ fn eager_moves_land_in_the_targets_warm_memory() {
 #[test]
 fn lazy_moves_stage_their_pages_in_the_targets_warm_memory() {
     there_and_back_through_warm_memory("--lazy", |c, n| {
-        let log = fs::read_to_string(c.log(n)).unwrap_or_default();
-        let staged: u64 = log
-            .lines()
-            .rfind(|l| l.contains("pages pulled"))
-            .and_then(|l| {
-                l.split("staged=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0);
+        let staged = staged_pages(c, n);
         assert!(
             staged >= (256 << 20) / 4096,
             "{n} moved {staged} pages in from warm memory"
