@@ -216,9 +216,17 @@ pub async fn start(
 /// The task of local process `pid`, created when it has none yet.
 async fn local_task(inner: &Inner, pid: u32) -> Result<TaskInfo, AgentError> {
     let p = i32::try_from(pid).map_err(|_| AgentError::Invalid(format!("pid {pid}")))?;
-    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).map_err(|_| {
-        AgentError::Invalid(format!("pid {pid}: no such process on {}", inner.cfg.name))
-    })?;
+    let gone = || AgentError::Invalid(format!("pid {pid}: no such process on {}", inner.cfg.name));
+    // A process that is ending (a moved original being destroyed) gets
+    // no task.
+    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).map_err(|_| gone())?;
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    if matches!(state, Some("Z" | "X" | "x") | None) {
+        return Err(gone());
+    }
+    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).map_err(|_| gone())?;
     let cmd: Vec<String> = cmd
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
@@ -336,15 +344,8 @@ impl Move {
             self.task.task_id, self.pid, self.inner.cfg.name, self.target.name
         ));
         self.relay = self.inner.stdins.lock().get(&self.task.task_id).cloned();
-        let relay_pipes: Vec<u64> = self.relay.iter().map(|r| r.ino).collect();
-        let blockers = crate::check::check_allowing(self.pid, &relay_pipes)
-            .map_err(|e| AgentError::phase("prepare", e))?;
-        if !blockers.is_empty() {
-            return Err(AgentError::phase(
-                "prepare",
-                format!("pid {} cannot be moved: {}", self.pid, blockers.join("; ")),
-            ));
-        }
+        // The task is claimed first: a second move of it is told so, not
+        // what the first one's work in the process looks like to a check.
         let begin = TaskBeginMoveRequest {
             task_id: self.task.task_id,
             from_node: self.inner.cfg.node_id,
@@ -372,6 +373,15 @@ impl Move {
     /// Everything after the task was marked moving; an error here means
     /// the original runs on, thawed.
     fn prepared(&mut self, t: Instant) -> Result<pb::MoveReport, AgentError> {
+        let relay_pipes: Vec<u64> = self.relay.iter().map(|r| r.ino).collect();
+        let blockers = crate::check::check_allowing(self.pid, &relay_pipes)
+            .map_err(|e| AgentError::phase("prepare", e))?;
+        if !blockers.is_empty() {
+            return Err(AgentError::phase(
+                "prepare",
+                format!("pid {} cannot be moved: {}", self.pid, blockers.join("; ")),
+            ));
+        }
         let mut client = self.inner.agent_at(&self.target.addr)?;
         let prep = prepare_request(self.pid, self.task.task_id)?;
         let reply = self
