@@ -1,7 +1,7 @@
 //! The source side of a move (DESIGN "Migration", phases 1 to 7), run on
 //! one thread (ptrace binds a tracee to the thread that seized it):
 //!
-//! prepare (check, claim the task, ask the target) → freeze → capture
+//! prepare (claim the task, check, ask the target) → freeze → capture
 //! (anonymous memory stays in the frozen process) → transfer (the image)
 //! → the target restores and holds the process → commit (the task table
 //! points at the target) → the target lets it run → drain (the page
