@@ -82,6 +82,7 @@ impl Staging {
     /// `t` was made from, registered with `uffd`, this node's descriptor
     /// of its userfaultfd) and lets `holder` run the moves. `t` must
     /// still be stopped; this thread traces it.
+    ///
     /// The holder takes `socket` too (a pull's connection), and takes on
     /// the process's `creds`.
     pub fn start<T: Target>(
