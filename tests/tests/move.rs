@@ -38,7 +38,11 @@ fn alive(c: &Cluster, node: &str, pid: i32) -> bool {
         &[
             "sh",
             "-c",
-            &format!("test -e /proc/{pid} && echo alive || true"),
+            // A zombie is dead: its parent (the node's init) reaps it a
+            // moment after the move has ended it.
+            &format!(
+                "test -e /proc/{pid} && ! grep -qE '^State:[[:space:]]+[ZX]' /proc/{pid}/status && echo alive || true"
+            ),
         ],
     )
     .contains("alive")
