@@ -299,11 +299,6 @@ impl Staging {
         data: &[u8],
         missing: &dyn Fn(u64, u64) -> Vec<(u64, u64)>,
     ) -> Option<(u64, u64)> {
-        // The holder is busy (receiving a run): a fault is not kept
-        // waiting for it, it copies.
-        if self.chan.is_locked() {
-            return None;
-        }
         let len = data.len() as u64;
         let at = self.reserve(len)?;
         let t = std::time::Instant::now();
