@@ -25,7 +25,7 @@ use migfs_mig::freeze::{self, Frozen};
 use migfs_mig::pages::wire::{Incoming, Link, Origin, PageServer};
 use migfs_mig::pages::{self, LazyConfig, LazyPages, PageFetch, PageSource, Tracker};
 use migfs_mig::restore::stream::StreamFill;
-use migfs_mig::restore::warm::{Warm, WarmPool, WarmTake};
+use migfs_mig::restore::warm::{self, Warm, WarmPool, WarmTake};
 use migfs_mig::restore::{self, Extras, RestoreOptions};
 use migfs_mig::sys::uffd;
 use nix::sys::signal::{Signal, kill};
@@ -880,8 +880,7 @@ fn ready(pool: WarmPool) -> Arc<WarmPool> {
 
 /// Warm memory from `pool`, as the agent asks for it.
 fn from_pool(pool: &Arc<WarmPool>) -> Option<WarmTake> {
-    let pool = Arc::clone(pool);
-    Some(Box::new(move |need| pool.take_for(need)))
+    Some(warm::taker(pool))
 }
 
 /// A copy of `l` that was verified once (and had forked `children`
@@ -896,6 +895,14 @@ fn runs_on(copy: &Proc, l: &Lazy, children: usize) {
     assert_eq!(wait_line(&l.out, "moved", WAIT_MS), "moved ok");
     copy.signal(Signal::SIGUSR1);
     assert!(wait_nth(&l.out, "verified", 2, WAIT_MS).starts_with("verified ok"));
+}
+
+/// The 64 MiB holder of a 128 MiB pool (keep the pool: its holders end
+/// with it).
+fn a_64_mib_holder() -> (Arc<WarmPool>, Warm) {
+    let pool = ready(WarmPool::start(128 << 20).expect("start the pool"));
+    let holder = pool.take_for(64 << 20).expect("the 64 MiB holder");
+    (pool, holder)
 }
 
 /// Exactly `w`, whatever the need.
@@ -1100,8 +1107,7 @@ fn a_staging_holder_killed_midway_leaves_the_pages_to_be_copied() {
     if !require() {
         return;
     }
-    let pool = ready(WarmPool::start(128 << 20).expect("start the pool"));
-    let holder = pool.take_for(64 << 20).expect("the 64 MiB holder");
+    let (_pool, holder) = a_64_mib_holder();
     let hpid = holder.pid();
     let l = Lazy::new(32);
     let (copy, lazy, _) = l
@@ -1168,8 +1174,7 @@ fn a_pull_is_received_straight_into_the_staging_area() {
     if !require() {
         return;
     }
-    let pool = ready(WarmPool::start(128 << 20).expect("start the pool"));
-    let holder = pool.take_for(64 << 20).expect("the 64 MiB holder");
+    let (_pool, holder) = a_64_mib_holder();
     let hpid = holder.pid();
     // A process of another user: the holder must not run as root.
     let l = Lazy::as_user(32, 65534);
@@ -1202,8 +1207,7 @@ fn a_pull_is_received_here_when_the_staging_holder_is_gone() {
     if !require() {
         return;
     }
-    let pool = ready(WarmPool::start(128 << 20).expect("start the pool"));
-    let holder = pool.take_for(64 << 20).expect("the 64 MiB holder");
+    let (_pool, holder) = a_64_mib_holder();
     let hpid = holder.pid();
     let l = Lazy::new(32);
     let (server, link) = serve(&l);

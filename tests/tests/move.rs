@@ -905,26 +905,24 @@ fn there_and_back_through_warm_memory(flag: &str, check: impl Fn(&Cluster, &str)
     let pid = start_on(&c, "n1", &[bin.to_str().unwrap(), "/migfs/warm.txt", "256"]);
     let text = || fs::read_to_string(c.path("n1", "warm.txt")).unwrap_or_default();
     assert!(within(60_000, || text().contains("filled")), "not filled");
-    let r = move_json(&c, "n1", &pid.to_string(), "n2", &[flag]);
-    assert!(
-        within(30_000, || log_count(&c, "n2", "pages pulled") >= 1
-            || flag == "--eager"),
-        "n2 never had every page"
-    );
-    assert_eq!(log_count(&c, "n2", "placed in warm memory"), 1);
-    check(&c, "n2");
+    // One move, checked on its target.
+    let leg = |pid: i32, from: &str, to: &str| {
+        let r = move_json(&c, from, &pid.to_string(), to, &[flag]);
+        assert!(
+            within(30_000, || log_count(&c, to, "pages pulled") >= 1
+                || flag == "--eager"),
+            "{to} never had every page"
+        );
+        assert_eq!(log_count(&c, to, "placed in warm memory"), 1);
+        check(&c, to);
+        r
+    };
+    let r = leg(pid, "n1", "n2");
     assert!(
         within(60_000, || log_count(&c, "n2", "all warm memory ready") >= 2),
         "n2 did not replace the holder the move used"
     );
-    let r = move_json(&c, "n2", &pid_of(&r).to_string(), "n1", &[flag]);
-    assert!(
-        within(30_000, || log_count(&c, "n1", "pages pulled") >= 1
-            || flag == "--eager"),
-        "n1 never had every page"
-    );
-    assert_eq!(log_count(&c, "n1", "placed in warm memory"), 1);
-    check(&c, "n1");
+    let r = leg(pid_of(&r), "n2", "n1");
     let pid = pid_of(&r);
     c.exec_ok("n1", &["kill", "-USR1", &pid.to_string()]);
     assert!(

@@ -30,7 +30,6 @@ use migfs_proto::meta::{NodeLoad, ReportLoadRequest, TaskListRequest, TaskLoad, 
 use nix::unistd::Pid;
 
 use super::Inner;
-use crate::restore::warm::WarmPool;
 use crate::sys::procfs;
 
 /// Time between two reports.
@@ -239,7 +238,7 @@ async fn report_loop(weak: Weak<Inner>, mut sampler: Sampler) {
         let Some(inner) = weak.upgrade() else { return };
         let tasks = local_tasks(&inner).await;
         // Warm memory is there for the next move in: available.
-        let warm = inner.warm.as_deref().map_or(0, WarmPool::ready_bytes);
+        let warm = inner.warm_ready();
         let sampled = tokio::task::spawn_blocking(move || {
             let snap = snapshot(own);
             let (total, avail) = meminfo();

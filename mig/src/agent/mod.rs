@@ -151,6 +151,13 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// Bytes of warm memory ready for the next move in (0: none kept).
+    pub(crate) fn warm_ready(&self) -> u64 {
+        self.warm
+            .as_deref()
+            .map_or(0, crate::restore::warm::WarmPool::ready_bytes)
+    }
+
     /// A cluster-unique move id.
     pub(crate) fn move_id(&self) -> u64 {
         (self.cfg.node_id << 40) | self.next_move.fetch_add(1, Ordering::Relaxed)
@@ -423,11 +430,7 @@ impl AgentRpc for AgentService {
         req: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareReply>, Status> {
         agents_only(&req)?;
-        let warm = self
-            .inner
-            .warm
-            .as_deref()
-            .map_or(0, crate::restore::warm::WarmPool::ready_bytes);
+        let warm = self.inner.warm_ready();
         Ok(Response::new(target::prepare(&req.into_inner(), warm)))
     }
 

@@ -24,7 +24,7 @@ use crate::pages::Store;
 use crate::pages::wire::{self, Link};
 use crate::pages::{LazyConfig, LazyPages, PageFetch};
 use crate::restore::stream::StreamFill;
-use crate::restore::warm::WarmTake;
+use crate::restore::warm;
 use crate::restore::{Extras, RestoreOptions};
 
 /// Whether this node can take a process described by `r`; the reason if
@@ -327,10 +327,7 @@ fn rebuild(
             Ok(pull) => Some(StreamFill {
                 pull,
                 pages: Arc::clone(&preloaded),
-                warm: inner
-                    .warm
-                    .clone()
-                    .map(|pool| -> WarmTake { Box::new(move |need| pool.take_for(need)) }),
+                warm: inner.warm.as_ref().map(warm::taker),
             }),
             Err(e) => {
                 give_back(&inner, session, to_pid, held);
@@ -349,10 +346,7 @@ fn rebuild(
         None => remote,
     };
     let lazy = stream.is_none().then(|| {
-        let warm = inner
-            .warm
-            .clone()
-            .map(|pool| -> WarmTake { Box::new(move |need| pool.take_for(need)) });
+        let warm = inner.warm.as_ref().map(warm::taker);
         // The staging holder receives the pull on a connection it takes
         // before the process runs (and before it gives up our privileges).
         let pull_socket = match (&warm, &copied) {

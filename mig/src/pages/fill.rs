@@ -134,9 +134,14 @@ impl State {
         }
     }
 
+    /// The restored process's address space (always the first).
+    fn root(&self) -> Arc<Mm> {
+        Arc::clone(&self.mms.read()[0])
+    }
+
     /// Pages moved in from warm staging so far.
     pub fn staged_pages(&self) -> u64 {
-        self.mms.read()[0]
+        self.root()
             .staging
             .as_ref()
             .map_or(0, |s| s.moved.load(Ordering::Relaxed))
@@ -144,17 +149,17 @@ impl State {
 
     /// Bytes of the warm staging area (0: none).
     pub fn staging_bytes(&self) -> u64 {
-        self.mms.read()[0].staging.as_ref().map_or(0, |s| s.bytes())
+        self.root().staging.as_ref().map_or(0, |s| s.bytes())
     }
 
     /// The warm staging, if there is one and it still works.
     pub fn staging(&self) -> Option<Arc<Staging>> {
-        self.mms.read()[0].staging.clone().filter(|s| s.alive())
+        self.root().staging.clone().filter(|s| s.alive())
     }
 
     /// Ends warm staging (once nothing installs any more).
     pub fn close_staging(&self) {
-        let root = Arc::clone(&self.mms.read()[0]);
+        let root = self.root();
         if let Some(sg) = &root.staging {
             sg.close(&root.uffd);
         }
@@ -192,7 +197,7 @@ impl State {
 
     /// The original's ranges still to come into the restored process.
     pub fn pending_origins(&self) -> Vec<(u64, u64)> {
-        let runs = self.mms.read()[0].map.read().runs();
+        let runs = self.root().map.read().runs();
         super::ranges::normalize(
             runs.iter()
                 .map(|s| (s.origin, s.origin + (s.end - s.start)))
@@ -334,25 +339,22 @@ impl State {
         }
     }
 
-    /// A push: installs the original's `data` at `orig` in every address
-    /// space; returns the pages new in the restored process. A child that
-    /// is gone (exited, exec'd) is dropped.
-    pub fn install(&self, orig: u64, data: &[u8]) -> Result<u64, Stop> {
-        self.install_bytes(orig, Bytes::Here(data))
-    }
-
-    /// [`State::install`] of bytes that are here or already staged. A
-    /// forked child gets staged bytes read back.
-    pub fn install_bytes(&self, orig: u64, data: Bytes<'_>) -> Result<u64, Stop> {
+    /// A push: installs the original's `data` (here, or already staged)
+    /// at `orig` in every address space; returns the pages new in the
+    /// restored process. A forked child gets staged bytes read back; one
+    /// that is gone (exited, exec'd) is dropped.
+    pub fn install(&self, orig: u64, data: Bytes<'_>) -> Result<u64, Stop> {
         let mut root = 0;
         let mut back: Option<Vec<u8>> = None;
         for mm in self.mms() {
             let data = match data {
                 Bytes::Staged { at, len } if mm.child => {
                     if back.is_none() {
-                        let sg = self.mms.read()[0].staging.clone();
                         let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-                        sg.ok_or(Stop::Sys(Errno::EINVAL))?
+                        self.root()
+                            .staging
+                            .as_ref()
+                            .ok_or(Stop::Sys(Errno::EINVAL))?
                             .read_back(at, &mut buf)
                             .map_err(Stop::Sys)?;
                         back = Some(buf);
@@ -503,7 +505,7 @@ pub(super) enum Bytes<'a> {
 }
 
 impl Bytes<'_> {
-    fn len(&self) -> u64 {
+    pub(super) fn len(&self) -> u64 {
         match self {
             Bytes::Here(d) => d.len() as u64,
             Bytes::Staged { len, .. } => *len,

@@ -92,10 +92,10 @@ pub struct LazyConfig {
 }
 
 /// Bytes of warm memory a lazy restore of `img` stages its pages in: its
-/// lazy ranges and a page for the moves' arguments.
+/// lazy ranges after the area's header (the holder's code and arguments).
 pub fn staging_need(img: &Image) -> u64 {
     let lazy = super::ranges::normalize(super::lazy_ranges(img));
-    lazy.iter().map(|(s, e)| e - s).sum::<u64>() + PAGE
+    lazy.iter().map(|(s, e)| e - s).sum::<u64>() + super::staged::HEADER
 }
 
 /// Counters of a lazy restore.
@@ -155,6 +155,35 @@ fn restore_err(what: &str) -> impl FnOnce(std::io::Error) -> RestoreError + '_ {
 
 fn restore_sys(what: String) -> impl FnOnce(Errno) -> RestoreError {
     move |errno| RestoreError::new(Step::WriteMemory, RestoreCause::Sys { what, errno })
+}
+
+/// A push of the original's bytes at `addr` (whole pages): installed
+/// wherever the process has no page yet, counted; the pages new to it.
+fn push(st: &State, addr: u64, data: Bytes<'_>) -> Result<u64, MigError> {
+    let (pid, len) = (st.pid, data.len());
+    if !addr.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
+        return Err(PagesError::Refused {
+            pid,
+            what: format!("install {addr:#x}+{len:#x}: not whole pages"),
+        }
+        .into());
+    }
+    if let Some(why) = st.failed() {
+        return Err(PagesError::Failed { pid, why }.into());
+    }
+    match st.install(addr, data) {
+        Ok(n) => {
+            st.c.installed_pages.fetch_add(n, Ordering::Relaxed);
+            Ok(n)
+        }
+        Err(Stop::Gone) => Err(PagesError::Gone { pid }.into()),
+        Err(Stop::Sys(errno)) => Err(PagesError::Sys {
+            pid,
+            what: format!("install {addr:#x}+{len:#x}"),
+            errno,
+        }
+        .into()),
+    }
 }
 
 /// Registers the image's lazy ranges in the stub `t` and starts the fault
@@ -354,32 +383,9 @@ impl LazyPages {
     /// unmapped are skipped. Safe to call from several threads, and while
     /// the fault handler runs (the background push).
     pub fn install(&self, addr: u64, data: &[u8]) -> Result<u64, MigError> {
-        let Some(inner) = &self.inner else {
-            return Ok(0);
-        };
-        let st = &inner.st;
-        if !addr.is_multiple_of(PAGE) || !(data.len() as u64).is_multiple_of(PAGE) {
-            return Err(PagesError::Refused {
-                pid: st.pid,
-                what: format!("install {addr:#x}+{:#x}: not whole pages", data.len()),
-            }
-            .into());
-        }
-        if let Some(why) = st.failed() {
-            return Err(PagesError::Failed { pid: st.pid, why }.into());
-        }
-        match st.install(addr, data) {
-            Ok(n) => {
-                st.c.installed_pages.fetch_add(n, Ordering::Relaxed);
-                Ok(n)
-            }
-            Err(Stop::Gone) => Err(PagesError::Gone { pid: st.pid }.into()),
-            Err(Stop::Sys(errno)) => Err(PagesError::Sys {
-                pid: st.pid,
-                what: format!("UFFDIO_COPY {addr:#x}+{:#x}", data.len()),
-                errno,
-            }
-            .into()),
+        match &self.inner {
+            Some(inner) => push(&inner.st, addr, Bytes::Here(data)),
+            None => Ok(0),
         }
     }
 
@@ -444,17 +450,7 @@ impl LazyPages {
                         Bytes::Here(&buf)
                     }
                 };
-                let got = st.install_bytes(addr, bytes).map_err(|e| match e {
-                    Stop::Gone => MigError::from(PagesError::Gone { pid }),
-                    Stop::Sys(errno) => PagesError::Sys {
-                        pid,
-                        what: format!("install {addr:#x}+{size:#x}"),
-                        errno,
-                    }
-                    .into(),
-                })?;
-                st.c.installed_pages.fetch_add(got, Ordering::Relaxed);
-                n += got;
+                n += push(st, addr, bytes)?;
                 busy += t.elapsed();
             }
             Ok((n, pull.bytes(), busy))

@@ -9,11 +9,12 @@
 //! the registered mm, so the holder is the one that runs it: before the
 //! process runs, the first page of the area gets a few instructions (read
 //! a system call and its arguments from a pipe, run it, write its result
-//! back, again), the holder gets the pipes and the userfaultfd
-//! (`pidfd_getfd`, injected) and is let go to run them. An
-//! install writes its bytes into the next unused piece of the area
-//! (`process_vm_writev`: a copy into pages that are already there) and
-//! asks the holder to move that piece to its place; what cannot be moved
+//! back, again); the holder gets the pipes, the userfaultfd and the
+//! pull's connection (`pidfd_getfd`, injected), takes on the process's
+//! credentials and is let go to run them. The pull's runs are received
+//! by the holder into the next unused piece of the area; a fault's window
+//! is written there with `process_vm_writev` (a copy into pages that are
+//! already there); either is then moved into place. What cannot be moved
 //! (a page already there, a run that spans two mappings, an event
 //! pending) is copied as before.
 //!
@@ -37,9 +38,12 @@ use migfs_proto::image::Creds;
 
 use crate::restore::inject::{Call, Target};
 use crate::restore::warm::Warm;
-use crate::sys::{abi, inject, mem, procfs, ptrace, uffd, vdso};
+use crate::sys::{abi, inject, mem, procfs, ptrace, uffd};
 
 const PAGE: u64 = 4096;
+/// The area's first pages: the holder's code, then the calls' arguments;
+/// pages are staged after them.
+pub(super) const HEADER: u64 = 2 * PAGE;
 /// A request to the holder: a system call's number and six arguments,
 /// then 40 bytes for it to work on (at [`PAYLOAD`] in the arguments page);
 /// the answer is those 40 bytes as the call left them, then its return
@@ -62,6 +66,9 @@ pub(super) struct Staging {
     /// Staging has stopped (the area is not ours any more, or the holder
     /// failed): installs copy.
     dead: AtomicBool,
+    /// The process unmapped, discarded or moved part of the area: it is
+    /// not ours to unmap at the end.
+    theirs: AtomicBool,
     /// Requests to the holder and its answers, one at a time.
     chan: Mutex<Option<(std::fs::File, std::fs::File)>>,
     /// The holder's descriptor of the userfaultfd.
@@ -95,7 +102,7 @@ impl Staging {
         creds: Option<&Creds>,
     ) -> Result<Staging, String> {
         let helper = holder.pid();
-        if end - start < 3 * PAGE {
+        if end - start <= HEADER {
             return Err("the warm memory is too small to stage in".into());
         }
         let (cmd_r, cmd_w) =
@@ -230,8 +237,9 @@ impl Staging {
             helper,
             start,
             end,
-            next: Mutex::new(start + 2 * PAGE),
+            next: Mutex::new(start + HEADER),
             dead: AtomicBool::new(false),
+            theirs: AtomicBool::new(false),
             chan: Mutex::new(Some((
                 std::fs::File::from(cmd_w),
                 std::fs::File::from(ans_r),
@@ -350,21 +358,22 @@ impl Staging {
     pub fn recv(&self, sock: u64, at: u64, len: u64) -> Result<(), String> {
         let t = std::time::Instant::now();
         let args = [sock, at, len, libc::MSG_WAITALL as u64, 0, 0];
+        let helper = self.helper;
         let (ret, _) = self
             .call(libc::SYS_recvfrom, args, &[0; 40])
-            .ok_or("the holder does not answer")?;
+            .ok_or_else(|| format!("the warm-memory holder (pid {helper}) does not answer"))?;
         self.write_ns.fetch_add(ns(t), Ordering::Relaxed);
         if ret == i64::try_from(len).unwrap_or(-1) {
             return Ok(());
         }
         if ret < 0 {
             return Err(format!(
-                "receive in the holder: {}",
+                "receive {len} bytes at {at:#x} in the warm-memory holder (pid {helper}): {}",
                 Errno::from_raw(i32::try_from(-ret).unwrap_or(0))
             ));
         }
         Err(format!(
-            "the page channel closed after {ret} of {len} bytes"
+            "the page channel closed after {ret} of a run's {len} bytes (received by the warm-memory holder, pid {helper})"
         ))
     }
 
@@ -439,6 +448,7 @@ impl Staging {
     /// the staging area, staging stops (its pages are not ours to move).
     pub fn touched(&self, s: u64, e: u64) {
         if s < self.end && e > self.start {
+            self.theirs.store(true, Ordering::Relaxed);
             self.stop("the process changed the staging area");
         }
     }
@@ -454,8 +464,9 @@ impl Staging {
     }
 
     /// Ends staging: unregisters the area from `uffd`, has the holder
-    /// unmap it (unless the process changed it) and ends the holder.
-    /// Call once nothing installs any more.
+    /// unmap it (unless the process changed it; also after staging
+    /// stopped on an error, if the holder still answers) and ends the
+    /// holder. Call once nothing installs any more.
     pub fn close(&self, uffd: &OwnedFd) {
         let Some(holder) = self.holder.lock().take() else {
             return;
@@ -464,7 +475,7 @@ impl Staging {
         // holder is seized while it waits for a request (at the end of
         // its pipe it would exit).
         let registered = uffd::unregister(uffd, self.start, self.end - self.start).is_ok();
-        if registered && !self.dead.load(Ordering::Relaxed) {
+        if registered && !self.theirs.load(Ordering::Relaxed) {
             let res = seize(self.helper).and_then(|insn| {
                 let len = self.end - self.start;
                 inject::syscall(
@@ -478,7 +489,11 @@ impl Staging {
                 .map_err(|e| e.to_string())
             });
             if let Err(e) = res {
-                tracing::warn!(helper = self.helper.as_raw(), error = %e, "unmap the staging area");
+                tracing::warn!(
+                    helper = self.helper.as_raw(),
+                    error = %e,
+                    "the staging area could not be unmapped: it stays mapped in the process"
+                );
             }
         }
         drop(self.chan.lock().take());
@@ -511,11 +526,7 @@ fn seize(pid: Pid) -> Result<u64, String> {
         other => return Err(format!("the holder stopped with {other:?}")),
     }
     let maps = procfs::maps(pid).map_err(|e| format!("the holder's maps: {e}"))?;
-    let block = vdso::find(&maps).ok_or("the address space has no vDSO")?;
-    let mut text = vec![0u8; usize::try_from(block.vdso_end - block.vdso_start).unwrap_or(0)];
-    mem::read_vm(pid, block.vdso_start, &mut text).map_err(|e| format!("read the vDSO: {e}"))?;
-    inject::find_syscall_insn(&text, block.vdso_start)
-        .ok_or_else(|| "no syscall instruction in the vDSO".into())
+    inject::vdso_syscall_insn(pid, &maps).map_err(|e| format!("the holder's address space: {e}"))
 }
 
 /// The holder's loop (x86-64, at the start of the area), its arguments

@@ -149,18 +149,22 @@ fn restore_resolved(
     let old = image.process.as_ref().map_or(0, |p| p.pid);
     let pin = pin::Pin::here();
     // Warm memory: an eager restore places the process's memory in it; a
-    // lazy one stages pages there (crate::pages::staged).
-    let staged = extras.lazy.as_ref().is_some_and(|l| l.warm.is_some());
-    let warm = match (extras.stream.as_mut(), extras.lazy.as_mut()) {
-        (Some(s), _) => s
-            .warm
-            .take()
-            .and_then(|take| take(stream::warm_need(image))),
-        (None, Some(l)) => l
-            .warm
-            .take()
-            .and_then(|take| take(crate::pages::lazy::staging_need(image))),
-        (None, None) => None,
+    // lazy one stages pages there (crate::pages::staged), and keeps the
+    // holder to move them.
+    let (warm, staged) = match (extras.stream.as_mut(), extras.lazy.as_mut()) {
+        (Some(s), _) => (
+            s.warm
+                .take()
+                .and_then(|take| take(stream::warm_need(image))),
+            false,
+        ),
+        (None, Some(l)) => (
+            l.warm
+                .take()
+                .and_then(|take| take(crate::pages::lazy::staging_need(image))),
+            true,
+        ),
+        (None, None) => (None, false),
     };
     let mut stub = stub::PtraceStub::spawn(Some(old), opts.require_pid, &avoid, warm, staged)?;
     if let Some(p) = &pin {

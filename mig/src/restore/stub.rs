@@ -50,6 +50,17 @@ fn wait_event(pid: Pid, who: &str) -> Result<(), RestoreError> {
     }
 }
 
+/// What failed when no `syscall` instruction was found for `who`.
+fn insn_cause(who: &str, e: inject::InsnError) -> RestoreCause {
+    match e {
+        inject::InsnError::Read(errno) => RestoreCause::Sys {
+            what: format!("read {who}'s vDSO"),
+            errno,
+        },
+        other => RestoreCause::Refused(format!("{who}: {other}")),
+    }
+}
+
 fn sys(step: Step, what: &str) -> impl FnOnce(Errno) -> RestoreError + '_ {
     move |errno| {
         RestoreError::new(
@@ -154,20 +165,8 @@ impl PtraceStub {
                 },
             )
         })?;
-        let block = vdso::find(&maps).ok_or_else(|| {
-            RestoreError::new(
-                Step::CreateStub,
-                RestoreCause::Refused("the holder has no vDSO".into()),
-            )
-        })?;
-        let mut text = vec![0u8; usize::try_from(block.vdso_end - block.vdso_start).unwrap_or(0)];
-        mem::read_vm(holder, block.vdso_start, &mut text).map_err(err("read the holder's vDSO"))?;
-        let insn = inject::find_syscall_insn(&text, block.vdso_start).ok_or_else(|| {
-            RestoreError::new(
-                Step::CreateStub,
-                RestoreCause::Refused("no syscall instruction in the holder's vDSO".into()),
-            )
-        })?;
+        let insn = inject::vdso_syscall_insn(holder, &maps)
+            .map_err(|e| RestoreError::new(Step::CreateStub, insn_cause("the holder", e)))?;
         // clone_args (and the wanted PID) go at the start of the warm
         // region, zeroed again afterwards.
         let clone = |with_pid: bool| -> Result<inject::Outcome, RestoreError> {
@@ -225,7 +224,7 @@ impl PtraceStub {
             // It will run calls again once the stub has emptied the
             // address space of its code and rseq area: unregister rseq
             // now, and let it wait in pause() (signals blocked) until
-            // the staging's mover seizes it.
+            // the staging seizes it again (crate::pages::staged).
             if let Some(r) = ptrace::get_rseq(holder).map_err(err("the holder's rseq"))? {
                 let out = inject::syscall(
                     holder,
@@ -284,12 +283,8 @@ impl PtraceStub {
             what: "stub maps".into(),
             source,
         })?;
-        let block = vdso::find(&maps)
-            .ok_or_else(|| RestoreCause::Refused("the stub has no vDSO".into()))?;
-        let mut text = vec![0u8; usize::try_from(block.vdso_end - block.vdso_start).unwrap_or(0)];
-        mem::read_vm(self.pid, block.vdso_start, &mut text).map_err(ps("read the stub's vDSO"))?;
-        self.insn = inject::find_syscall_insn(&text, block.vdso_start)
-            .ok_or_else(|| RestoreCause::Refused("no syscall instruction in the vDSO".into()))?;
+        self.insn =
+            inject::vdso_syscall_insn(self.pid, &maps).map_err(|e| insn_cause("the stub", e))?;
         match self.raw(0, libc::SYS_setsid, [0; 6]) {
             Ok(_) | Err(CallError::Errno(Errno::EPERM)) => {}
             Err(e) => return Err(call_cause("setsid", e)),

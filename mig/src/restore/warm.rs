@@ -41,6 +41,12 @@ const BACKOFF: Duration = Duration::from_secs(5);
 /// could back; the holder to use, if any.
 pub type WarmTake = Box<dyn FnOnce(u64) -> Option<Warm> + Send>;
 
+/// The [`WarmTake`] of `pool`: [`WarmPool::take_for`].
+pub fn taker(pool: &Arc<WarmPool>) -> WarmTake {
+    let pool = Arc::clone(pool);
+    Box::new(move |need| pool.take_for(need))
+}
+
 /// A holder with its memory allocated, not yet used by a restore.
 #[derive(Debug)]
 pub struct Warm {

@@ -90,6 +90,30 @@ pub fn syscall(tid: Pid, insn: u64, nr: i64, args: [u64; 6]) -> Result<Outcome, 
     })
 }
 
+/// Why [`vdso_syscall_insn`] found no instruction.
+#[derive(Debug, thiserror::Error)]
+pub enum InsnError {
+    /// The address space has no `[vdso]`.
+    #[error("it has no vDSO")]
+    NoVdso,
+    /// The vDSO could not be read.
+    #[error("read its vDSO: {0}")]
+    Read(Errno),
+    /// The vDSO holds no `syscall` instruction.
+    #[error("no syscall instruction in its vDSO")]
+    NoInsn,
+}
+
+/// A `syscall` instruction in the vDSO of `pid`'s address space, whose
+/// `maps` are given (where injected calls run when the process's own
+/// code may be gone).
+pub fn vdso_syscall_insn(pid: Pid, maps: &[super::procfs::MapEntry]) -> Result<u64, InsnError> {
+    let block = super::vdso::find(maps).ok_or(InsnError::NoVdso)?;
+    let mut text = vec![0u8; usize::try_from(block.vdso_end - block.vdso_start).unwrap_or(0)];
+    super::mem::read_vm(pid, block.vdso_start, &mut text).map_err(InsnError::Read)?;
+    find_syscall_insn(&text, block.vdso_start).ok_or(InsnError::NoInsn)
+}
+
 /// Finds a `syscall` instruction (`0f 05`) in `bytes`, mapped at `base`.
 pub fn find_syscall_insn(bytes: &[u8], base: u64) -> Option<u64> {
     bytes
